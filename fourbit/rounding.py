@@ -1,0 +1,88 @@
+"""Rounding to an integer grid: round-to-nearest-even and unbiased stochastic rounding.
+
+Stochastic rounding draws its randomness from a counter-based function of ``(seed, element index)``:
+``random_bits(seed, index)`` is a pure 32-bit integer hash, so the same seed gives the same bits on any
+device, in any chunking, and a GPU kernel computes it with the same integer operations.
+
+For ``v`` between the grid integers ``lo = floor(v)`` and ``lo + 1``, SR returns ``lo + 1`` with
+probability ``v - lo`` (to 2^-24): it compares the exact float32 fraction against a 24-bit uniform
+``u = (r >> 8) * 2^-24``. ``E[SR(v)] = v``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+__all__ = ["Rounding", "random_bits", "uniform24", "round_to_integer"]
+
+_MASK32 = 0xFFFFFFFF
+_HASH_MUL1 = 0x7FEB352D  # lowbias32 (C. Wellons): a well-mixed 32-bit integer hash
+_HASH_MUL2 = 0x846CA68B
+_GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: decorrelates consecutive seeds
+
+
+class Rounding(enum.Enum):
+    NEAREST = "nearest"  # round half to even
+    STOCHASTIC = "stochastic"
+
+    @classmethod
+    def parse(cls, value: "Rounding | str") -> "Rounding":
+        if isinstance(value, Rounding):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown rounding {value!r}; known: {', '.join(r.value for r in cls)}") from None
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32), in int64 without overflow: split c into 16-bit halves."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _MASK32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, _HASH_MUL1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _HASH_MUL2)
+    return x ^ (x >> 16)
+
+
+def seed_key(seed: int) -> int:
+    """The 32-bit key a seed contributes (Python int; kernels receive it as a scalar)."""
+    s = torch.tensor([seed & _MASK32], dtype=torch.int64)
+    s = _hash32(s ^ ((seed >> 32) & _MASK32))
+    return int(_hash32(s ^ _GOLDEN))
+
+
+def random_bits(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """32 random bits per element (int64 in [0, 2^32)) from the element's flat index and a seed.
+
+    ``r = hash(hash(index_lo ^ key) ^ index_hi)`` with ``key = seed_key(seed)``.
+    """
+    if not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    index = index.to(torch.int64)
+    h = _hash32((index & _MASK32) ^ seed_key(seed))
+    return _hash32(h ^ (index >> 32))
+
+
+def uniform24(bits: torch.Tensor) -> torch.Tensor:
+    """The top 24 of 32 random bits as a float32 uniform in [0, 1), exactly."""
+    return (bits >> 8).to(torch.float32) * 2.0**-24
+
+
+def round_to_integer(v: torch.Tensor, rounding: Rounding, random_bits: torch.Tensor | None = None) -> torch.Tensor:
+    """Round non-negative float32 ``v`` to an integer (int64)."""
+    if rounding is Rounding.NEAREST:
+        return torch.round(v).to(torch.int64)  # torch.round is half-to-even
+    if random_bits is None:
+        raise ValueError("stochastic rounding needs random_bits")
+    lo = torch.floor(v)
+    frac = v - lo  # exact in float32
+    up = uniform24(random_bits) < frac
+    return lo.to(torch.int64) + up.to(torch.int64)
