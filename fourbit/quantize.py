@@ -114,23 +114,27 @@ def _check_input(x: torch.Tensor, check_finite: bool) -> None:
             )
 
 
-def _as_matrix(x: torch.Tensor, block: tuple[int, int] | None, pad: bool, scheme: str) -> torch.Tensor:
-    """(*leading, C) -> float32 (R, C), zero-padded to the block if ``pad``."""
-    x2 = x.reshape(-1, x.shape[-1]).float()
+def _padding(shape: torch.Size, block: tuple[int, int] | None, pad: bool, scheme: str) -> tuple[int, int]:
+    """Rows and columns to add so the (R, C) matrix view of ``shape`` tiles into blocks; raises unless ``pad``."""
     if block is None:
-        return x2
+        return 0, 0
     br, bc = block
-    R, C = x2.shape
+    C = shape[-1]
+    R = shape.numel() // C if C else 0
     pr, pc = (-R) % br, (-C) % bc
-    if pr or pc:
-        if not pad:
-            what = f"last dim {C} by {bc}" if pc else f"leading rows {R} by {br}"
-            raise ValueError(
-                f"{scheme}: shape {tuple(x.shape)} is not divisible by block {block} ({what}); "
-                "pass pad=True to zero-pad"
-            )
-        x2 = F.pad(x2, (0, pc, 0, pr))
-    return x2
+    if (pr or pc) and not pad:
+        what = f"last dim {C} by {bc}" if pc else f"leading rows {R} by {br}"
+        raise ValueError(
+            f"{scheme}: shape {tuple(shape)} is not divisible by block {block} ({what}); pass pad=True to zero-pad"
+        )
+    return pr, pc
+
+
+def _as_matrix(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+    """(*leading, C) -> float32 (R, C), zero-padded by ``padding`` = (rows, cols)."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    pr, pc = padding
+    return F.pad(x2, (0, pc, 0, pr)) if pr or pc else x2
 
 
 def quantize(
@@ -164,6 +168,7 @@ def quantize(
     if amax is not None and not isinstance(config, NVFP4Config):
         raise ValueError(f"amax= applies to nvfp4 only, not {config.name}")
     _check_input(x, check_finite)
+    padding = _padding(x.shape, config.block, pad, config.name)
     if rounding is Rounding.STOCHASTIC and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()))
 
@@ -174,7 +179,7 @@ def quantize(
         if q is not None:
             return q
 
-    x2 = _as_matrix(x, config.block, pad, config.name)
+    x2 = _as_matrix(x, padding)
     bits = None
     if rounding is Rounding.STOCHASTIC:
         R, C = x2.shape
