@@ -229,14 +229,14 @@ class FloatFormat:
 
 
 def _encode_e8m0(x: torch.Tensor) -> torch.Tensor:
-    """float32 -> E8M0 code, as ml_dtypes: nearest power of two, ties up; below 2^-127 -> 2^-127;
+    """float32 -> E8M0 code, as ml_dtypes: nearest power of two, ties up; up to 2^-127 -> 2^-127;
     zero, negative, non-finite -> NaN (0xFF); overflow past 2^127 -> NaN."""
     bits = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     biased = (bits >> 23) & 0xFF
     mant = bits & 0x7FFFFF
-    # a normal float rounds up when its mantissa is at least one half; a float32 subnormal is
-    # m * 2^-149, between 0 (code 0 = 2^-127 is the floor) and 2^-126 (code 1, from 1.5 * 2^-127)
-    code = torch.where(biased == 0, (mant >= 0x600000).to(torch.int64), biased + (mant >= 0x400000).to(torch.int64))
+    # a normal float rounds up when its mantissa is at least one half; a float32 subnormal (m * 2^-149)
+    # gives code 0 (2^-127) up to 2^-127 itself and code 1 (2^-126) above it, as ml_dtypes does
+    code = torch.where(biased == 0, (mant > 0x400000).to(torch.int64), biased + (mant >= 0x400000).to(torch.int64))
     bad = ~(x > 0) | torch.isinf(x)
     code = torch.where(bad | (code > 0xFE), 0xFF, code)
     return code.to(torch.uint8)

@@ -1,0 +1,74 @@
+"""Caller mistakes raise clear errors; nothing is silent."""
+
+import math
+
+import pytest
+import torch
+
+import fourbit
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.complex64, torch.bool], ids=str)
+def test_non_float_dtypes_raise_type_error(dtype):
+    with pytest.raises(TypeError, match="float32/bfloat16/float16"):
+        fourbit.quantize(torch.zeros(4, 16, dtype=dtype), "nvfp4")
+
+
+def test_not_a_tensor():
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        fourbit.quantize([1.0] * 16, "nvfp4")
+
+
+@pytest.mark.parametrize(
+    "scheme,shape,kw",
+    [("nvfp4", (4, 20), {}), ("nvfp4", (20, 32), {"block": (16, 16)}), ("mxfp4", (2, 48), {}), ("fp8", (3, 100), {"block": (1, 128)})],
+    ids=["nvfp4-cols", "nvfp4-2d-rows", "mxfp4", "fp8-tiles"],
+)
+def test_indivisible_shapes_name_shape_and_block_and_pad_fixes_them(scheme, shape, kw):
+    x = torch.randn(shape)
+    with pytest.raises(ValueError, match=r"shape \(.*\) is not divisible by block .*pad=True"):
+        fourbit.quantize(x, scheme, **kw)
+    q = fourbit.quantize(x, scheme, pad=True, **kw)
+    assert q.dequantize().shape == x.shape
+
+
+def test_padding_is_zero_and_exact():
+    x = torch.randn(3, 20)
+    q = fourbit.quantize(x, "nvfp4", pad=True)
+    # the padded tail of the last block holds zeros, and the real part equals a padded quantization
+    xp = torch.nn.functional.pad(x, (0, 12))
+    assert torch.equal(q.dequantize(), fourbit.quantize(xp, "nvfp4").dequantize()[:, :20])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_inputs_raise_with_count(bad):
+    x = torch.randn(4, 32)
+    x[0, :3] = bad
+    with pytest.raises(ValueError, match="3 non-finite"):
+        fourbit.quantize(x, "nvfp4")
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(ValueError, match="known: nvfp4, nvfp4-2d, mxfp4"):
+        fourbit.quantize(torch.randn(16), "int4")
+    with pytest.raises(ValueError, match="known: nearest, stochastic"):
+        fourbit.quantize(torch.randn(16), "nvfp4", rounding="up")
+    with pytest.raises(ValueError, match="no option 'four_over_six'"):
+        fourbit.quantize(torch.randn(32), "mxfp4", four_over_six=True)
+    with pytest.raises(ValueError, match="block must be"):
+        fourbit.quantize(torch.randn(32), "nvfp4", block=(1, 32))
+    with pytest.raises(ValueError, match="unknown backend"):
+        fourbit.quantize(torch.randn(16), "nvfp4", backend="cuda")
+
+
+def test_scalars_and_cuda_only_options_on_cpu():
+    with pytest.raises(ValueError, match="at least one dim"):
+        fourbit.quantize(torch.tensor(1.0), "nvfp4")
+    with pytest.raises(ValueError, match="needs a CUDA tensor"):
+        fourbit.quantize(torch.randn(16), "nvfp4", backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_inputs_quantize_their_exact_values(dtype):
+    x = torch.randn(4, 32).to(dtype)
+    assert torch.equal(fourbit.quantize(x, "nvfp4").data, fourbit.quantize(x.float(), "nvfp4").data)
