@@ -1,13 +1,32 @@
 """Fast kernels behind one dispatch point, bit-exact with the PyTorch reference.
 
-``quantize(x, config, ...)`` returns a ``QuantizedTensor`` from a fused kernel, or ``None`` when no kernel
-covers the case (then ``fourbit.quantize`` runs the reference). ``backend="triton"`` insists on a kernel and
-raises where none can run (e.g. a CPU tensor).
+``quantize(x, config, ...)`` returns a ``QuantizedTensor`` from a fused Triton kernel, or ``None`` when no
+kernel covers the case (then ``fourbit.quantize`` runs the reference). ``backend="triton"`` insists on a
+kernel and raises where none can run (a CPU tensor, no triton, an uncovered option).
+
+Covered today: NVFP4 (1x16 and 16x16 blocks; float32/bfloat16/float16 input; RNE and stochastic
+rounding; ``pad``; a given ``amax``). Not covered, so they fall back to the reference: four-over-six,
+float64 input, empty tensors, MX and FP8 quantization.
+
+Non-contiguous inputs are copied to contiguous memory first (one extra read and write).
+
+GEMMs (CUDA only; each returns ``None`` where it does not apply, so callers fall back):
+
+* ``qmm(a, b)``          NVFP4 x NVFP4, ``A @ B^T`` with both quantized along K (emulated on Hopper: FP4
+                          dequantized in registers to BF16, BF16 tensor cores, FP32 accumulation).
+* ``linear_w4a16(x, w)`` BF16 activations times NVFP4 weights, for decode (batch 1-16).
+* ``fp8_mm(a, b)``       FP8 x FP8 through ``torch.nn.functional.scaled_mm`` (per tensor, DeepSeek blockwise).
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..rounding import Rounding
+
+__all__ = ["triton_available", "quantize", "qmm", "linear_w4a16", "fp8_mm"]
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def triton_available() -> bool:
@@ -20,11 +39,61 @@ def triton_available() -> bool:
     return True
 
 
+def _unsupported(config, x, rounding) -> str | None:
+    """Why no kernel covers this call, or None."""
+    from ..schemes import NVFP4Config
+
+    if not isinstance(config, NVFP4Config):
+        return f"no triton kernel for {config.name} yet"
+    if config.four_over_six:
+        return "four_over_six has no triton kernel (its per-block error sums depend on reduction order)"
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"the nvfp4 kernel takes float32/bfloat16/float16, got {x.dtype}"
+    if x.numel() == 0:
+        return "empty tensor"
+    return None
+
+
 def quantize(x, config, *, rounding, seed, amax, pad, backend):
+    """The kernel for ``fourbit.quantize`` (inputs already validated there), or None to use the reference."""
     if backend == "triton" and not x.is_cuda:
         raise ValueError(f"backend='triton' needs a CUDA tensor, got one on {x.device}; use backend='reference'")
     if backend == "triton" and not triton_available():
         raise RuntimeError("backend='triton' needs CUDA and the triton package")
-    if backend == "triton":
-        raise NotImplementedError(f"no triton kernel for {config.name} yet")
-    return None
+    if not x.is_cuda or not triton_available():
+        return None
+    rounding = Rounding.parse(rounding)
+    why = _unsupported(config, x, rounding)
+    if why is not None:
+        if backend == "triton":
+            raise NotImplementedError(why)
+        return None
+    if amax is not None and isinstance(amax, torch.Tensor) and amax.device != x.device:
+        amax = amax.to(x.device)
+
+    from ..quantize import QuantizedTensor
+    from .nvfp4_quantize import quantize_nvfp4
+
+    data, scales, tensor_scale = quantize_nvfp4(x, config, rounding, seed, amax, pad)
+    return QuantizedTensor(data, scales, tensor_scale, config, x.shape, x.dtype)
+
+
+def qmm(a, b, *, out_dtype: torch.dtype = torch.float32):
+    """``A @ B^T`` for NVFP4 ``QuantizedTensor``s quantized along K, or None where the kernel does not apply."""
+    from .nvfp4_gemm import qmm as _qmm
+
+    return _qmm(a, b, out_dtype=out_dtype)
+
+
+def linear_w4a16(x: torch.Tensor, w, bias: torch.Tensor | None = None):
+    """``x @ W^T (+ bias)`` for BF16/FP16 ``x`` (..., K) and NVFP4-quantized weights ``w`` (N, K)."""
+    from .nvfp4_gemm import linear_w4a16 as _linear
+
+    return _linear(x, w, bias)
+
+
+def fp8_mm(a, b, *, out_dtype: torch.dtype = torch.bfloat16):
+    """``A @ B^T`` for FP8 ``QuantizedTensor``s through ``scaled_mm``, or None (with the reason logged)."""
+    from .fp8_gemm import fp8_mm as _fp8_mm
+
+    return _fp8_mm(a, b, out_dtype=out_dtype)

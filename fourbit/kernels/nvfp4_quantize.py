@@ -1,0 +1,215 @@
+"""Fused NVFP4 quantize: two passes over the input, bit-exact with ``fourbit.nvfp4.quantize_nvfp4``.
+
+Pass 1 (``_amax_kernel``) reads ``x`` once and folds ``max |x|`` into one int32 with ``atomic_max`` on the
+float32 bit pattern of ``|x|`` (non-negative floats order like their bits; NaN's bits sort above Inf, so
+a NaN anywhere gives a non-finite amax and ``s_enc = 1``, as in the reference). A given ``amax`` skips it.
+
+Pass 2 (``_quantize_kernel``) reads ``x`` once more, tile by tile, and writes packed codes and E4M3 scales::
+
+    program (i, j) owns rows [i*BR, (i+1)*BR) and cols [j*BC, (j+1)*BC) of the (R, C) matrix view
+    x tile (BR, BC) --view--> (BR, BC/16, 16)            1x16 blocks: max over the last axis
+                     --view--> (BR/16, 16, BC/16, 16)    16x16 blocks: max over axes 1 and 3
+    s_enc, s_dec      from amax, every program (a few scalar ops; program (0, 0) stores s_dec)
+    s_dec_b = e4m3(amax_b * (s_enc * fp32(1/6)))  ->  s_enc_b = 1 / (s_dec_b * s_dec)  (0 if the product is 0)
+    codes = e2m1(nan_to_num(x * s_enc_b))   RNE or SR with random_bits(seed, r * C_orig + c)
+    packed (BR, BC/2): code 2i in the low nibble, 2i+1 in the high one; scales (BR, BC/16) or (BR/16, BC/16)
+
+Every float32 operation is the reference's, in its order, with IEEE rounding and subnormals kept
+(``tl_formats`` says how). Padding (``pad=True``) is done by masked loads: padded elements read as +0.
+Non-contiguous inputs are copied to contiguous memory first (one extra pass).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats import E2M1_MAX, E4M3_MAX
+from ..nvfp4 import ONE_SIXTH
+from ..rounding import Rounding, seed_key
+from ..schemes import NVFP4Config
+from .tl_formats import F32_MAX, decode_e4m3, encode_e2m1, encode_e4m3, random_bits
+
+EXACT_OPTIONS = dict(enable_fp_fusion=False, enable_reflect_ftz=False)  # IEEE float32, as the reference
+ONE_SIXTH_F32 = float(ONE_SIXTH)  # fp32(1/6), exactly representable as a Python float
+AMAX_BLOCK = 8192
+
+
+@triton.jit
+def _amax_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |x| as ordered int bits
+    tl.atomic_max(out_ptr, tl.max(bits, axis=0))
+
+
+@triton.jit(do_not_specialize=["key"])
+def _quantize_kernel(
+    x_ptr,
+    amax_ptr,
+    data_ptr,
+    scales_ptr,
+    tscale_ptr,
+    R,
+    C,
+    Rp,
+    Cp,
+    c_index,
+    key,
+    SCALE_BOUND: tl.constexpr,  # 6 * 448 (or 6 * 256 with four-over-six)
+    ONE_SIXTH_C: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,  # 1 or 16
+    STOCHASTIC: tl.constexpr,
+    PRECISE_DIV: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r.to(tl.int64) * BR + tl.arange(0, BR)
+    cols = pid_c * BC + tl.arange(0, BC)
+    in_mask = (rows[:, None] < R) & (cols[None, :] < C)
+    x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=in_mask, other=0.0).to(tl.float32)  # (BR, BC)
+
+    # tensor scale: s_enc = min(6 * 448 / amax, FLT_MAX), 1 if amax is 0 or not finite; s_dec = 1 / s_enc
+    amax = tl.load(amax_ptr)
+    if PRECISE_DIV:
+        s_enc = tl.math.div_rn(tl.full([], SCALE_BOUND, tl.float32), amax)
+    else:
+        s_enc = SCALE_BOUND / amax
+    s_enc = tl.where(s_enc > F32_MAX, F32_MAX, s_enc)
+    amax_bits = amax.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    s_enc = tl.where((amax == 0) | (amax_bits >= 0x7F800000), 1.0, s_enc)
+    if PRECISE_DIV:
+        s_dec = tl.math.div_rn(tl.full([], 1.0, tl.float32), s_enc)
+    else:
+        s_dec = 1.0 / s_enc
+    if (pid_r == 0) & (pid_c == 0):
+        tl.store(tscale_ptr, s_dec)
+
+    # block amax over |x| bits; a non-finite block is flagged and treated as amax 0
+    xbits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    if BLOCK_ROWS == 1:
+        bmax = tl.max(tl.reshape(xbits, (BR, BC // 16, 16)), axis=2)  # (BR, BC/16)
+    else:
+        bmax = tl.max(tl.max(tl.reshape(xbits, (BR // 16, 16, BC // 16, 16)), axis=3), axis=1)  # (BR/16, BC/16)
+    finite_b = bmax < 0x7F800000
+    amax_b = tl.where(finite_b, bmax, 0).to(tl.float32, bitcast=True)
+
+    base = amax_b * (s_enc * ONE_SIXTH_C)
+    scode = encode_e4m3(base)
+    s_dec_b = decode_e4m3(scode)
+    denom = s_dec_b * s_dec
+    if PRECISE_DIV:
+        inv = tl.math.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom)
+    else:
+        inv = 1.0 / denom
+    s_enc_b = tl.where(denom == 0, 0.0, inv)
+
+    if BLOCK_ROWS == 1:
+        s_el = tl.reshape(tl.broadcast_to(s_enc_b[:, :, None], (BR, BC // 16, 16)), (BR, BC))
+        fin_el = tl.reshape(tl.broadcast_to(finite_b[:, :, None], (BR, BC // 16, 16)), (BR, BC))
+    else:
+        s_el = tl.reshape(tl.broadcast_to(s_enc_b[:, None, :, None], (BR // 16, 16, BC // 16, 16)), (BR, BC))
+        fin_el = tl.reshape(tl.broadcast_to(finite_b[:, None, :, None], (BR // 16, 16, BC // 16, 16)), (BR, BC))
+    y = x * s_el
+    y = tl.where(y != y, 0.0, y)  # nan_to_num(nan=0); +-Inf saturates in the encoder as +-FLT_MAX would
+    if STOCHASTIC:
+        rbits = random_bits(key, rows[:, None] * c_index + cols[None, :])
+    else:
+        rbits = 0
+    codes = encode_e2m1(y, rbits, STOCHASTIC)
+    codes = tl.where(fin_el, codes, 0)
+    scode = tl.where(finite_b, scode, 0x7F)
+
+    lo, hi = tl.split(tl.reshape(codes, (BR, BC // 2, 2)))
+    packed = (lo | (hi << 4)).to(tl.uint8)
+    pcols = pid_c * (BC // 2) + tl.arange(0, BC // 2)
+    out_mask = (rows[:, None] < Rp) & (pcols[None, :] < Cp // 2)
+    tl.store(data_ptr + rows[:, None] * (Cp // 2) + pcols[None, :], packed, mask=out_mask)
+
+    scols = pid_c * (BC // 16) + tl.arange(0, BC // 16)
+    if BLOCK_ROWS == 1:
+        srows = rows
+    else:
+        srows = pid_r.to(tl.int64) * (BR // 16) + tl.arange(0, BR // 16)
+    s_mask = (srows[:, None] < Rp // BLOCK_ROWS) & (scols[None, :] < Cp // 16)
+    tl.store(scales_ptr + srows[:, None] * (Cp // 16) + scols[None, :], scode.to(tl.uint8), mask=s_mask)
+
+
+def measure_amax(x: torch.Tensor, interpret: bool = False) -> torch.Tensor:
+    """max |x| as a float32 one-element tensor (NaN/Inf propagate as a non-finite value)."""
+    out = torch.zeros(1, dtype=torch.int32, device=x.device)
+    n = x.numel()
+    _amax_kernel[(triton.cdiv(n, AMAX_BLOCK),)](x, out, n, BLOCK=AMAX_BLOCK, num_warps=8)
+    return out.view(torch.float32)
+
+
+def quantize_nvfp4(
+    x: torch.Tensor,
+    config: NVFP4Config,
+    rounding: Rounding,
+    seed: int | None,
+    amax,
+    pad: bool,
+    *,
+    block_rows: int = 32,
+    block_cols: int = 128,
+    num_warps: int = 4,
+):
+    """(data uint8, scales float8_e4m3fn, tensor_scale float32 ()) exactly as ``fourbit.quantize`` builds them.
+
+    The caller has validated shapes and dtypes (``fourbit.quantize`` does, before dispatch).
+    """
+    if config.four_over_six:
+        raise NotImplementedError("four_over_six has no fused kernel (its error sums depend on reduction order)")
+    interpret = not x.is_cuda
+    xc = x.contiguous()  # a no-op for contiguous inputs; non-contiguous ones are copied (documented)
+    C = x.shape[-1]
+    R = x.numel() // C
+    br, bc = config.block
+    Rp, Cp = R + (-R) % br, C + (-C) % bc
+    if amax is None:
+        amax_t = measure_amax(xc, interpret)
+    else:
+        amax_t = torch.as_tensor(amax, dtype=torch.float32, device=x.device).reshape(1).contiguous()
+
+    data = torch.empty((Rp, Cp // 2), dtype=torch.uint8, device=x.device)
+    scales = torch.empty((Rp // br, Cp // bc), dtype=torch.uint8, device=x.device)
+    tscale = torch.empty((), dtype=torch.float32, device=x.device)
+    stochastic = rounding is Rounding.STOCHASTIC
+    key = seed_key(seed) if stochastic else 0
+    key = key - (1 << 32) if key >= 1 << 31 else key  # passed as int32; the kernel reinterprets as uint32
+
+    BR = max(block_rows, br)
+    grid = (triton.cdiv(Rp, BR), triton.cdiv(Cp, block_cols))
+    options = {} if interpret else EXACT_OPTIONS
+    _quantize_kernel[grid](
+        xc,
+        amax_t,
+        data,
+        scales,
+        tscale,
+        R,
+        C,
+        Rp,
+        Cp,
+        C,
+        key,
+        SCALE_BOUND=E2M1_MAX * E4M3_MAX,
+        ONE_SIXTH_C=ONE_SIXTH_F32,
+        BLOCK_ROWS=br,
+        STOCHASTIC=stochastic,
+        PRECISE_DIV=not interpret,
+        BR=BR,
+        BC=block_cols,
+        num_warps=num_warps,
+        **options,
+    )
+    scales = scales.view(torch.float8_e4m3fn)
+    lead = x.shape[:-1]
+    if br == 1:
+        data = data.reshape(*lead, Cp // 2)
+        scales = scales.reshape(*lead, Cp // bc)
+    return data, scales, tscale

@@ -1,0 +1,112 @@
+"""Triton device functions that mirror ``fourbit.formats`` / ``fourbit.rounding`` bit for bit.
+
+Everything here is written so the float32 results equal the PyTorch reference exactly:
+
+* ``encode_exmy`` is ``FloatFormat.encode(saturate=True)``: the binade exponent comes from the float32
+  exponent field (``e = max(E - 127, emin)``; zero and float32 subnormals land on ``emin``, as ``frexp``
+  gives), ``v = |x| * 2^(mbits - e)`` is an exact power-of-two scaling, and the one rounding is
+  round-half-even through ``(v + 2^23) - 2^23`` (exact RNE for ``0 <= v < 2^22``) or stochastic through
+  ``(r >> 8) * 2^-24 < frac(v)``.
+* ``random_bits`` is ``fourbit.rounding.random_bits``: lowbias32 on uint32, whose multiplies wrap mod 2^32
+  in Triton exactly as the reference's 16-bit-split multiplies do in int64.
+* Kernels that call these are launched with ``enable_fp_fusion=False`` (no mul+add -> FMA contraction)
+  and ``enable_reflect_ftz=False``; ``div_rn`` is IEEE division (PTX ``div.rn.f32``). float32 ``*`` lowers
+  to ``mul.rn.f32`` without ``.ftz``, so subnormals survive as on the CPU.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# lowbias32 multipliers (fourbit.rounding), as uint32 constants
+HASH_MUL1 = tl.constexpr(0x7FEB352D)
+HASH_MUL2 = tl.constexpr(0x846CA68B)
+TWO_POW_M24 = tl.constexpr(5.960464477539063e-08)  # 2^-24
+RNE_MAGIC = tl.constexpr(8388608.0)  # 2^23: (v + 2^23) - 2^23 rounds v half-to-even to an integer
+F32_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def hash32(x):
+    """lowbias32 on uint32 (C. Wellons)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full([], HASH_MUL1, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full([], HASH_MUL2, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def random_bits(key, index):
+    """32 random bits (uint32) for int64 flat ``index``: hash(hash(lo ^ key) ^ hi), key = seed_key(seed)."""
+    key = key.to(tl.uint32, bitcast=True)
+    lo = (index & 0xFFFFFFFF).to(tl.uint32)
+    hi = (index >> 32).to(tl.uint32)
+    h = hash32(lo ^ key)
+    return hash32(h ^ hi)
+
+
+@triton.jit
+def encode_exmy(
+    x,
+    rbits,
+    EBITS: tl.constexpr,
+    MBITS: tl.constexpr,
+    EMIN: tl.constexpr,
+    MAX_CODE: tl.constexpr,
+    INF_CODE: tl.constexpr,
+    NAN_CODE: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+):
+    """float32 -> int32 code of a sign/exponent/mantissa format, saturating (``FloatFormat.encode``).
+
+    ``INF_CODE``/``NAN_CODE`` are the magnitude codes that +-Inf / NaN map to (``MAX_CODE`` for formats
+    without specials); ``rbits`` (uint32) is used only when ``STOCHASTIC``.
+    """
+    u = x.to(tl.uint32, bitcast=True)
+    sign = (u >> 31).to(tl.int32)
+    abits = u & 0x7FFFFFFF
+    nonfinite = abits >= 0x7F800000
+    isnan = abits > 0x7F800000
+    abits = tl.where(nonfinite, 0, abits)
+    a = abits.to(tl.float32, bitcast=True)
+    e = tl.maximum((abits >> 23).to(tl.int32) - 127, EMIN)  # floor(log2 a), at least emin
+    v = a * ((MBITS - e + 127) << 23).to(tl.float32, bitcast=True)  # a * 2^(mbits - e), exact
+    if STOCHASTIC:
+        lo = v.to(tl.int32)  # v >= 0: truncation is floor
+        frac = v - lo.to(tl.float32)  # exact
+        up = ((rbits >> 8).to(tl.float32) * TWO_POW_M24) < frac
+        n = lo + up.to(tl.int32)
+    else:
+        n = ((v + RNE_MAGIC) - RNE_MAGIC).to(tl.int32)
+    mag = ((e - EMIN) << MBITS) + n
+    mag = tl.minimum(mag, MAX_CODE)
+    mag = tl.where(nonfinite, INF_CODE, mag)
+    mag = tl.where(isnan, NAN_CODE, mag)
+    return mag | (sign << (EBITS + MBITS))
+
+
+@triton.jit
+def encode_e4m3(x):
+    """float32 -> E4M3 (fn) code, RNE, saturating to 448; Inf and NaN -> 0x7F (NaN)."""
+    return encode_exmy(x, 0, 4, 3, -6, 0x7E, 0x7F, 0x7F, False)
+
+
+@triton.jit
+def encode_e2m1(x, rbits, STOCHASTIC: tl.constexpr):
+    """float32 -> E2M1 code, saturating to 6 (Inf too); the caller maps NaN to 0 first."""
+    return encode_exmy(x, rbits, 2, 1, 0, 7, 7, 0, STOCHASTIC)
+
+
+@triton.jit
+def decode_e4m3(code):
+    """E4M3 (fn) code (int32) -> float32, exact; 0x7F/0xFF -> NaN."""
+    mag = code & 0x7F
+    ef = mag >> 3
+    m = mag & 7
+    normal = (((ef + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)  # 2^(ef - 7) * (1 + m/8)
+    sub = m.to(tl.float32) * 0.001953125  # m * 2^-9, exact
+    v = tl.where(ef == 0, sub, normal)
+    v = tl.where(mag == 0x7F, tl.full(v.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True), v)
+    return tl.where((code & 0x80) != 0, -v, v)
