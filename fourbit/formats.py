@@ -160,14 +160,7 @@ class FloatFormat:
         a = x.abs()
         inf = torch.isinf(a)
         a = torch.where(inf | nan, torch.zeros_like(a), a)
-
-        # e = max(floor(log2 a), emin): frexp gives a = m * 2^k with m in [0.5, 1) (and k = 0 at a = 0)
-        _, k = torch.frexp(a)
-        e = torch.where(a == 0, self.emin, torch.clamp(k.to(torch.int64) - 1, min=self.emin))
-        # n = round(a / 2^(e - mbits)), an exact power-of-two scaling before the one rounding
-        v = a * exp2i(self.mbits - e)
-        n = round_to_integer(v, rounding, random_bits)
-        mag = ((e - self.emin) << self.mbits) + n
+        mag = self._magnitude_code(a, rounding, random_bits)
 
         overflow = mag > self.max_code
         if saturate or self.specials is Specials.FINITE:
@@ -186,13 +179,44 @@ class FloatFormat:
         if self.nan_code is not None:
             mag = torch.where(nan, self.nan_code, mag)
 
-        code = mag | (sign.to(torch.int64) << (self.ebits + self.mbits))
+        code = mag | (sign.to(torch.int32) << (self.ebits + self.mbits))
         return code.to(torch.uint8)
 
+    def _magnitude_code(self, a: torch.Tensor, rounding: Rounding, random_bits: torch.Tensor | None) -> torch.Tensor:
+        """Finite non-negative float32 -> unsaturated magnitude code ``((e - emin) << mbits) + n`` (int32).
+
+        Two exact paths, selected per element:
+        * ``a >= 2^emin`` (normal in the target): round the float32 significand to ``mbits`` bits on the
+          bit pattern; a carry ripples into the exponent field by itself. With ``k = 23 - mbits`` dropped
+          bits, RNE adds ``2^(k-1) - 1 + lsb`` before the shift; SR adds 1 when the 24-bit uniform
+          ``r >> 8`` is below the dropped fraction ``t / 2^k`` (i.e. ``r >> 8 < t << (24 - k)``).
+        * ``a < 2^emin`` (subnormal in the target): ``n = round(a / 2^(emin - mbits))``, an exact
+          power-of-two scaling followed by the one rounding.
+        """
+        k = 23 - self.mbits
+        bits = a.contiguous().view(torch.int32)
+        if rounding is Rounding.NEAREST:
+            keep = (bits + (((bits >> k) & 1) + ((1 << (k - 1)) - 1))) >> k
+        else:
+            if random_bits is None:
+                raise ValueError("stochastic rounding needs random_bits")
+            dropped = bits & ((1 << k) - 1)
+            u24 = (random_bits >> 8).to(torch.int32)
+            keep = (bits >> k) + (u24 < (dropped << (24 - k))).to(torch.int32)
+        # the float32 exponent field is 127 + e; the code's exponent field is e - emin + 1
+        normal = keep - ((127 + self.emin - 1) << self.mbits)
+        subnormal = round_to_integer(a * 2.0 ** (self.mbits - self.emin), rounding, random_bits).to(torch.int32)
+        return torch.where(a < 2.0**self.emin, subnormal, normal)
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """uint8 codes -> float32 values."""
+        """uint8 codes -> float32 values (a lookup in the table of all ``2^bits`` values)."""
         if codes.dtype != torch.uint8:
             raise TypeError(f"codes must be uint8, got {codes.dtype}")
+        table = _decode_table(self, codes.device)
+        return table[(codes & ((1 << self.bits) - 1)).to(torch.int64)]
+
+    def _decode_bits(self, codes: torch.Tensor) -> torch.Tensor:
+        """The decoding rule itself (builds the table): sign, exponent field, mantissa field."""
         c = codes.to(torch.int64)
         nbits = self.ebits + self.mbits
         mag = c & ((1 << nbits) - 1)
@@ -226,6 +250,16 @@ class FloatFormat:
 
     def __repr__(self) -> str:  # short, e.g. "E4M3"
         return f"FloatFormat({self.name})"
+
+
+_TABLES: dict = {}
+
+
+def _decode_table(fmt: FloatFormat, device: torch.device) -> torch.Tensor:
+    key = (fmt, str(device))
+    if key not in _TABLES:
+        _TABLES[key] = fmt._decode_bits(torch.arange(1 << fmt.bits).to(torch.uint8)).to(device)
+    return _TABLES[key]
 
 
 def _encode_e8m0(x: torch.Tensor) -> torch.Tensor:
