@@ -47,13 +47,18 @@ def _blocks(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
 
 
 def _encode_block(xb, s_dec_b, s_dec, rounding, bits):
-    """Codes and dequantized values of blocked x for the given E4M3 block scales (float32)."""
+    """E2M1 codes of blocked x for the given E4M3 block scales (float32)."""
     denom = s_dec_b * s_dec
     # s_enc_b = 1 / (fp32(s_dec_b) * s_dec); a zero (or underflowed) scale encodes the block as zeros
     s_enc_b = torch.where(denom == 0, torch.zeros_like(denom), 1.0 / denom)
-    codes = E2M1.encode(torch.nan_to_num(xb * s_enc_b, nan=0.0), rounding, random_bits=bits)
-    x_hat = E2M1.decode(codes) * s_dec_b * s_dec
-    return codes, x_hat
+    return E2M1.encode(torch.nan_to_num(xb * s_enc_b, nan=0.0), rounding, random_bits=bits)
+
+
+def _block_error(codes, s_dec_b, s_dec, xb, metric: ErrorMetric) -> torch.Tensor:
+    """Sum over each block of the squared (MSE) or absolute (MAE) error of the dequantized block."""
+    diff = E2M1.decode(codes) * s_dec_b * s_dec - xb
+    err = diff.square() if metric is ErrorMetric.MSE else diff.abs()
+    return err.sum(dim=(1, 3), keepdim=True)
 
 
 def quantize_nvfp4(
@@ -80,16 +85,17 @@ def quantize_nvfp4(
     # s_dec_b = e4m3(amax_b * (s_enc * fp32(1/6)))
     base = amax_b * (s_enc * ONE_SIXTH)
     scale_codes = E4M3.encode(base)
-    codes, x_hat = _encode_block(xb, E4M3.decode(scale_codes), s_dec, rounding, bits)
+    s_dec_b = E4M3.decode(scale_codes)
+    codes = _encode_block(xb, s_dec_b, s_dec, rounding, bits)
 
     if config.four_over_six:
-        # map-to-4: e4m3(1.5 * base); keep it where it dequantizes the block strictly better
-        codes4_scale = E4M3.encode(1.5 * base)
-        codes4, x_hat4 = _encode_block(xb, E4M3.decode(codes4_scale), s_dec, rounding, bits)
-        err = (x_hat - xb).square() if config.four_over_six_error is ErrorMetric.MSE else (x_hat - xb).abs()
-        err4 = (x_hat4 - xb).square() if config.four_over_six_error is ErrorMetric.MSE else (x_hat4 - xb).abs()
-        take4 = err4.sum(dim=(1, 3), keepdim=True) < err.sum(dim=(1, 3), keepdim=True)
-        scale_codes = torch.where(take4, codes4_scale, scale_codes)
+        # map-to-4: e4m3(1.5 * base); keep it where it dequantizes the block strictly better (ties: map-to-6)
+        scale_codes4 = E4M3.encode(1.5 * base)
+        s_dec_b4 = E4M3.decode(scale_codes4)
+        codes4 = _encode_block(xb, s_dec_b4, s_dec, rounding, bits)
+        metric = config.four_over_six_error
+        take4 = _block_error(codes4, s_dec_b4, s_dec, xb, metric) < _block_error(codes, s_dec_b, s_dec, xb, metric)
+        scale_codes = torch.where(take4, scale_codes4, scale_codes)
         codes = torch.where(take4, codes4, codes)
 
     # a non-finite block: NaN scale (dequantizes to NaN), zero codes
