@@ -13,7 +13,8 @@ Non-contiguous inputs are copied to contiguous memory first (one extra read and 
 GEMMs (CUDA only; each returns ``None`` where it does not apply, so callers fall back):
 
 * ``qmm(a, b)``          NVFP4 x NVFP4, ``A @ B^T`` with both quantized along K (emulated on Hopper: FP4
-                          dequantized in registers to BF16, BF16 tensor cores, FP32 accumulation).
+                          dequantized in registers to BF16, BF16 tensor cores, FP32 accumulation; native
+                          ``scaled_mm`` on compute capability >= 10, untested for want of such a GPU).
 * ``linear_w4a16(x, w)`` BF16 activations times NVFP4 weights, for decode (batch 1-16).
 * ``fp8_mm(a, b)``       FP8 x FP8 through ``torch.nn.functional.scaled_mm`` (per tensor, DeepSeek blockwise).
 """
@@ -80,8 +81,12 @@ def quantize(x, config, *, rounding, seed, amax, pad, backend):
 
 def qmm(a, b, *, out_dtype: torch.dtype = torch.float32):
     """``A @ B^T`` for NVFP4 ``QuantizedTensor``s quantized along K, or None where the kernel does not apply."""
+    from .fp8_gemm import nvfp4_mm_native
     from .nvfp4_gemm import qmm as _qmm
 
+    native = nvfp4_mm_native(a, b, out_dtype=out_dtype)  # Blackwell (sm100+) only; None elsewhere
+    if native is not None:
+        return native
     return _qmm(a, b, out_dtype=out_dtype)
 
 

@@ -1,0 +1,335 @@
+"""GPU kernels vs the CPU reference: bit-exact quantization, GEMMs against float64, dispatch and errors.
+
+Everything marked ``gpu`` needs CUDA and triton (skipped otherwise); the rest runs on the CPU in CI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+import fourbit
+import fourbit.kernels as K
+from fourbit.kernels.swizzle import blocked_offset, from_blocked, to_blocked
+from kernel_cases import BF16_OUT_RTOL, assert_same_bytes, edge_input, gemm_check, grid_operand
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
+BLOCKS = [(1, 16), (16, 16)]
+BLOCK_IDS = ["1x16", "16x16"]
+KINDS = ["random", "zeros", "denormals", "huge", "ties", "mixed_scale"]
+# (leading shape..., C): tile is 32 x 128, so these cut tiles in both directions
+SHAPES = [(256, 512), (272, 304), (3, 16, 48)]
+SHAPE_IDS = ["256x512", "272x304", "3x16x48"]
+
+gpu = pytest.mark.gpu
+
+
+def _ref(x, **kw):
+    return fourbit.quantize(x.cpu(), backend="reference", **kw)
+
+
+def _cuda(q):
+    return dataclasses.replace(q, data=q.data.cuda(), scales=q.scales.cuda(), tensor_scale=q.tensor_scale.cuda())
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# --- quantize: bit-exact ---------------------------------------------------------------------------
+
+
+@gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("block", BLOCKS, ids=BLOCK_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_nvfp4_quantize_bit_exact(kind, block, dtype, rounding):
+    x = edge_input(kind, (272, 304), dtype, _gen(hash(kind) % 1000)).cuda()
+    kw = dict(block=block, rounding=rounding, seed=1234 if rounding == "stochastic" else None)
+    assert_same_bytes(fourbit.quantize(x, "nvfp4", backend="triton", **kw), _ref(x, scheme="nvfp4", **kw))
+
+
+@gpu
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("block", BLOCKS, ids=BLOCK_IDS)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_nvfp4_quantize_shapes(shape, block, rounding):
+    x = (torch.randn(*shape, generator=_gen(1)) * 3).bfloat16().cuda()
+    if block == (16, 16) and (x.numel() // x.shape[-1]) % 16:
+        pytest.skip("rows not a multiple of 16")
+    kw = dict(block=block, rounding=rounding, seed=7)
+    got = fourbit.quantize(x, "nvfp4", backend="triton", **kw)
+    want = _ref(x, scheme="nvfp4", **kw)
+    assert got.data.shape == want.data.shape and got.scales.shape == want.scales.shape
+    assert_same_bytes(got, want)
+
+
+@gpu
+@pytest.mark.parametrize("block", BLOCKS, ids=BLOCK_IDS)
+@pytest.mark.parametrize("shape", [(33, 70), (5, 3, 20), (17, 16)], ids=["33x70", "5x3x20", "17x16"])
+def test_nvfp4_quantize_pad(shape, block):
+    x = torch.randn(*shape, generator=_gen(2)).cuda()
+    kw = dict(block=block, pad=True, rounding="stochastic", seed=99)
+    assert_same_bytes(fourbit.quantize(x, "nvfp4", backend="triton", **kw), _ref(x, scheme="nvfp4", **kw))
+
+
+@gpu
+@pytest.mark.parametrize("amax", [0.5, 1e-30, 0.0, float("inf")], ids=["below", "tiny", "zero", "inf"])
+def test_nvfp4_quantize_given_amax(amax):
+    x = torch.randn(64, 256, generator=_gen(3)).cuda()
+    kw = dict(amax=amax)
+    assert_same_bytes(fourbit.quantize(x, "nvfp4", backend="triton", **kw), _ref(x, scheme="nvfp4", **kw))
+    amax_t = torch.tensor(amax, device="cuda")
+    assert_same_bytes(fourbit.quantize(x, "nvfp4", backend="triton", amax=amax_t), _ref(x, scheme="nvfp4", **kw))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_nvfp4_quantize_nonfinite(dtype):
+    x = torch.randn(64, 128, generator=_gen(4)).to(dtype)
+    x[3, 5], x[10, 40], x[20, 100] = float("nan"), float("inf"), float("-inf")
+    kw = dict(check_finite=False)
+    x = x.cuda()
+    assert_same_bytes(fourbit.quantize(x, "nvfp4", backend="triton", **kw), _ref(x, scheme="nvfp4", **kw))
+
+
+@gpu
+def test_nvfp4_stochastic_seed_determinism():
+    x = torch.randn(128, 256, generator=_gen(5)).cuda()
+    a = fourbit.quantize(x, "nvfp4", rounding="stochastic", seed=11, backend="triton")
+    b = fourbit.quantize(x, "nvfp4", rounding="stochastic", seed=11, backend="triton")
+    c = fourbit.quantize(x, "nvfp4", rounding="stochastic", seed=12, backend="triton")
+    assert torch.equal(a.data, b.data)
+    assert not torch.equal(a.data, c.data)
+
+
+@gpu
+def test_nvfp4_large_index_stochastic():
+    """Flat indices past 2^32 exercise the high word of the counter (r * C + c >= 2^32)."""
+    from fourbit.nvfp4 import quantize_nvfp4
+    from fourbit.packing import pack_fp4
+    from fourbit.rounding import Rounding, random_bits
+
+    R0, C = 2**16, 2**16
+    x = torch.randn(R0 + 16, C, dtype=torch.bfloat16, device="cuda")
+    q = fourbit.quantize(x, "nvfp4", rounding="stochastic", seed=3, backend="triton")
+    tail = x[-16:].cpu().float()  # rows whose flat indices are >= 2^32
+    bits = random_bits(3, (torch.arange(16)[:, None] + R0) * C + torch.arange(C))
+    amax = x.abs().max().float().cpu()
+    codes, scales, _ = quantize_nvfp4(tail, q.config, Rounding.STOCHASTIC, bits, amax)
+    assert torch.equal(q.data[-16:].cpu(), pack_fp4(codes))
+    assert torch.equal(q.scales[-16:].view(torch.uint8).cpu(), scales.view(torch.uint8))
+
+
+# --- dispatch and bad input ------------------------------------------------------------------------
+
+
+@gpu
+def test_auto_uses_kernel_and_matches():
+    x = torch.randn(64, 128, device="cuda")
+    auto = fourbit.quantize(x, "nvfp4")
+    assert auto.data.is_cuda
+    assert_same_bytes(auto, fourbit.quantize(x, "nvfp4", backend="triton"))
+
+
+@gpu
+def test_non_contiguous_is_copied():
+    x = torch.randn(256, 96, device="cuda").t()  # (96, 256), strides (1, 96)
+    assert not x.is_contiguous()
+    assert_same_bytes(fourbit.quantize(x, "nvfp4", backend="triton"), _ref(x.contiguous(), scheme="nvfp4"))
+
+
+@gpu
+def test_bad_input_same_errors_as_reference():
+    for x, kw, err in [
+        (torch.ones(4, 16, dtype=torch.int32), {}, TypeError),
+        (torch.ones(4, 20), {}, ValueError),  # 20 not divisible by 16
+        (torch.ones(20, 16), {"block": (16, 16)}, ValueError),
+        (torch.tensor([[float("nan")] * 16]), {}, ValueError),  # check_finite
+    ]:
+        with pytest.raises(err) as ref_err:
+            fourbit.quantize(x, "nvfp4", backend="reference", **kw)
+        with pytest.raises(err) as gpu_err:
+            fourbit.quantize(x.cuda(), "nvfp4", backend="triton", **kw)
+        assert str(gpu_err.value) == str(ref_err.value)
+
+
+@gpu
+def test_uncovered_options():
+    x = torch.randn(32, 64, device="cuda")
+    with pytest.raises(NotImplementedError, match="four_over_six"):
+        fourbit.quantize(x, "nvfp4", four_over_six=True, backend="triton")
+    assert fourbit.quantize(x, "nvfp4", four_over_six=True).data.is_cuda  # auto falls back to the reference
+    with pytest.raises(NotImplementedError, match="mxfp4"):
+        fourbit.quantize(x, "mxfp4", backend="triton")
+
+
+def test_triton_backend_on_cpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs a CUDA tensor"):
+        fourbit.quantize(torch.randn(4, 16), "nvfp4", backend="triton")
+
+
+def test_auto_on_cpu_is_the_reference():
+    x = torch.randn(8, 32)
+    assert_same_bytes(fourbit.quantize(x, "nvfp4"), fourbit.quantize(x, "nvfp4", backend="reference"))
+
+
+# --- GEMMs ---------------------------------------------------------------------------------------------
+
+GEMM_SHAPES = [(256, 384, 512), (200, 176, 272), (64, 64, 4096)]
+GEMM_IDS = ["256x384x512", "200x176x272", "64x64x4096"]
+
+
+@gpu
+@pytest.mark.parametrize("b_block", BLOCKS, ids=BLOCK_IDS)
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=GEMM_IDS)
+def test_qmm_vs_float64(shape, b_block):
+    M, N, Kd = shape
+    a = grid_operand(M, Kd, _gen(10), (1, 16))
+    b = grid_operand(N, Kd, _gen(11), b_block)
+    out = K.qmm(_cuda(a), _cuda(b))
+    a_hat, b_hat = a.dequantize(), b.dequantize()
+    assert out.shape == (M, N) and out.dtype == torch.float32
+    gemm_check(out, a_hat, b_hat)
+
+
+@gpu
+def test_qmm_padded_k_and_configs():
+    x, w = torch.randn(48, 40, generator=_gen(12)).cuda(), torch.randn(32, 40, generator=_gen(13)).cuda()
+    a, b = fourbit.quantize(x, "nvfp4", pad=True), fourbit.quantize(w, "nvfp4", pad=True)
+    from fourbit.kernels.nvfp4_gemm import GEMM_CONFIGS, qmm
+
+    for cfg in GEMM_CONFIGS:
+        gemm_check(qmm(a, b, config=cfg), a.dequantize().cpu(), b.dequantize().cpu())
+
+
+@gpu
+def test_qmm_declines_other_schemes():
+    a = fourbit.quantize(torch.randn(32, 64, device="cuda"), "fp8")
+    assert K.qmm(a, a) is None
+
+
+@gpu
+@pytest.mark.parametrize("batch", [1, 5, 16])
+@pytest.mark.parametrize("w_block", BLOCKS, ids=BLOCK_IDS)
+def test_w4a16_vs_float64(batch, w_block):
+    N, Kd = 272, 512
+    w = grid_operand(N, Kd, _gen(20), w_block)
+    w_hat = w.dequantize()
+    w = _cuda(w)
+    x = torch.randn(batch, Kd, generator=_gen(21)).bfloat16()
+    from fourbit.kernels.nvfp4_gemm import GEMV_CONFIGS, linear_w4a16
+
+    for cfg in GEMV_CONFIGS:
+        y = linear_w4a16(x.cuda(), w, config=cfg)
+        assert y.shape == (batch, N) and y.dtype == torch.bfloat16
+        gemm_check(y, x.float(), w_hat, rtol_out=BF16_OUT_RTOL)
+
+
+@gpu
+def test_w4a16_bias_and_declines():
+    w = fourbit.quantize(torch.randn(64, 128, device="cuda"), "nvfp4")
+    x = torch.randn(2, 3, 128, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(64, device="cuda", dtype=torch.bfloat16)
+    y = K.linear_w4a16(x, w, bias)
+    ref = x.double() @ w.dequantize(torch.float64).T + bias.double()
+    assert y.shape == (2, 3, 64)
+    assert float((y.double() - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+    assert K.linear_w4a16(torch.randn(17, 128, device="cuda", dtype=torch.bfloat16), w) is None  # batch > 16
+    assert K.linear_w4a16(x.float(), w) is None  # not bf16
+
+
+@gpu
+def test_torch_compile_of_quantized_linear():
+    w = fourbit.quantize(torch.randn(128, 256, device="cuda"), "nvfp4")
+
+    def f(x):
+        return K.qmm(fourbit.quantize(x, "nvfp4"), w)
+
+    x = torch.randn(64, 256, device="cuda")
+    assert torch.equal(torch.compile(f)(x), f(x))
+
+
+# --- FP8 through scaled_mm ------------------------------------------------------------------------------
+
+# Hopper's FP8 tensor cores accumulate with about 14 bits of alignment (DeepSeek-V3, section 3.3.2), and
+# the output is bf16: bound the error by 2^-11 of sum |a b| plus one bf16 rounding.
+FP8_ACCUM_RTOL = 2.0**-11
+
+
+@gpu
+@pytest.mark.parametrize(
+    "a_block,b_block",
+    [(None, None), ((1, 128), (128, 128)), ((1, 128), (1, 128))],
+    ids=["tensorwise", "1x128-128x128", "1x128-1x128"],
+)
+def test_fp8_mm_vs_float64(a_block, b_block):
+    M, N, Kd = 256, 384, 640
+    x, w = torch.randn(M, Kd, generator=_gen(30)).cuda(), torch.randn(N, Kd, generator=_gen(31)).cuda()
+    a = fourbit.quantize(x, "fp8", block=a_block)
+    b = fourbit.quantize(w, "fp8", block=b_block)
+    out = K.fp8_mm(a, b)
+    assert out is not None and out.dtype == torch.bfloat16
+    a64, b64 = a.dequantize(torch.float64).cpu(), b.dequantize(torch.float64).cpu()
+    ref = a64 @ b64.T
+    err = (out.double().cpu() - ref).abs()
+    assert bool((err <= FP8_ACCUM_RTOL * (a64.abs() @ b64.abs().T) + BF16_OUT_RTOL * ref.abs()).all())
+
+
+@gpu
+def test_fp8_mm_falls_back_with_reason():
+    a = fourbit.quantize(torch.randn(64, 192, device="cuda"), "fp8", block=(1, 64))
+    with pytest.warns(UserWarning, match="not wired"):
+        assert K.fp8_mm(a, a) is None
+    b = fourbit.quantize(torch.randn(64, 96, device="cuda"), "fp8", block=(1, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert K.fp8_mm(b, b) is None
+
+
+@gpu
+def test_native_nvfp4_is_gated_off_hopper():
+    a = fourbit.quantize(torch.randn(128, 128, device="cuda"), "nvfp4")
+    from fourbit.kernels.fp8_gemm import nvfp4_mm_native
+
+    if torch.cuda.get_device_capability() < (10, 0):
+        assert nvfp4_mm_native(a, a) is None
+    else:  # pragma: no cover - Blackwell only
+        gemm_check(nvfp4_mm_native(a, a, out_dtype=torch.float32), a.dequantize().cpu(), a.dequantize().cpu())
+
+
+def test_fp8_mm_on_cpu_declines():
+    from fourbit.kernels.fp8_gemm import fp8_mm_unsupported
+
+    a = fourbit.quantize(torch.randn(16, 128), "fp8")
+    assert "CUDA" in fp8_mm_unsupported(a, a)
+
+
+# --- swizzled scale layout (CPU) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows,cols", [(128, 4), (300, 7), (5, 12), (256, 64)], ids=str)
+def test_swizzle_matches_closed_form_and_inverts(rows, cols):
+    s = torch.randint(0, 255, (rows, cols), dtype=torch.uint8, generator=_gen(40))
+    blocked = to_blocked(s)
+    assert blocked.numel() == (-(-rows // 128) * 128) * (-(-cols // 4) * 4)
+    r = torch.arange(rows)[:, None].expand(rows, cols)
+    c = torch.arange(cols)[None, :].expand(rows, cols)
+    assert torch.equal(blocked[blocked_offset(r, c, cols)], s)
+    assert torch.equal(from_blocked(blocked, rows, cols), s)
+    # the padding is zero: exactly rows * cols nonzero-able slots are taken by S
+    mask = torch.zeros(blocked.numel(), dtype=torch.bool)
+    mask[blocked_offset(r, c, cols).reshape(-1)] = True
+    assert int(mask.sum()) == rows * cols and not bool(blocked[~mask].any())
+
+
+def test_swizzle_known_positions():
+    """cuBLAS layout by hand: (r, c) = (33, 2) sits in tile 0 at lane 1, row group 1, column 2."""
+    s = torch.zeros(128, 4, dtype=torch.uint8)
+    s[33, 2] = 7
+    assert int(to_blocked(s).nonzero()) == 1 * 16 + 1 * 4 + 2
