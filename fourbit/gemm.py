@@ -1,0 +1,95 @@
+"""The GEMM dispatch point: ``qmm(a, b) = A @ B^T`` on quantized (or plain) operands.
+
+Both operands are laid out (rows, K) and quantized along K, the reduction dim, which is how block-scaled
+tensor cores consume them (every scale block lies inside one K slice):
+
+    a: (M, K)  QuantizedTensor or Tensor
+    b: (N, K)  QuantizedTensor or Tensor
+    out = a @ b^T  float32 (M, N)
+
+Reference: dequantize both to float32 and multiply with float32 accumulation (``torch.matmul``), or under
+a limited-precision ``Accumulation`` model when one is given. A fast path (``fourbit.kernels.qmm``) is
+tried first where it exists; it returns None for cases it does not cover.
+
+``transpose(q)`` gives the quantized ``W^T`` of a weight quantized with square 2D blocks (or one scale per
+tensor) without quantizing again: the blocks of ``W^T`` are those of ``W`` transposed, so the codes and
+scales are the same numbers (this is why the NVFP4 recipe's 16x16 weight blocks let fprop and dgrad share
+one quantized weight).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from .packing import pack_fp4
+from .quantize import QuantizedTensor
+
+__all__ = ["qmm", "transpose", "dequantize_operand"]
+
+
+def dequantize_operand(t: QuantizedTensor | torch.Tensor) -> torch.Tensor:
+    """float32 values of an operand: dequantized if quantized, else cast."""
+    if isinstance(t, QuantizedTensor):
+        return t.dequantize(torch.float32)
+    return t.float()
+
+
+def _check(name: str, t) -> None:
+    if not isinstance(t, (QuantizedTensor, torch.Tensor)):
+        raise TypeError(f"qmm: {name} must be a QuantizedTensor or a torch.Tensor, got {type(t).__name__}")
+    if len(t.shape) != 2:
+        raise ValueError(f"qmm: {name} must be 2D (rows, K), got shape {tuple(t.shape)}")
+    if isinstance(t, torch.Tensor) and not t.is_floating_point():
+        raise TypeError(f"qmm: {name} must be a floating tensor, got {t.dtype}")
+
+
+def qmm(a: QuantizedTensor | torch.Tensor, b: QuantizedTensor | torch.Tensor, *, accumulation=None) -> torch.Tensor:
+    """``A @ B^T`` in float32 for a (M, K) and b (N, K), each quantized along K (or not quantized).
+
+    ``accumulation``: a ``fourbit.accumulation.Accumulation`` (anything with ``matmul(a, b) = a @ b.T``),
+    or None for float32 accumulation.
+    """
+    _check("a", a)
+    _check("b", b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"qmm: reduction dims differ, a {tuple(a.shape)} vs b {tuple(b.shape)} (both (rows, K))")
+
+    # ---- fast-path dispatch: a GPU kernel, if fourbit.kernels provides one for this case --------------
+    if accumulation is None:
+        from . import kernels
+
+        fast = getattr(kernels, "qmm", None)
+        if fast is not None:
+            out = fast(a, b)
+            if out is not None:
+                return out
+    # ---- reference -----------------------------------------------------------------------------------
+    a_hp, b_hp = dequantize_operand(a), dequantize_operand(b)  # (M, K), (N, K) float32
+    if accumulation is not None:
+        return accumulation.matmul(a_hp, b_hp)
+    return a_hp @ b_hp.T  # (M, N), float32 accumulation
+
+
+def transpose(q: QuantizedTensor) -> QuantizedTensor:
+    """The quantized transpose of a 2D QuantizedTensor with square 2D blocks or a per-tensor scale.
+
+    Equal, code for code and scale for scale, to quantizing the transposed tensor with the same config
+    and round-to-nearest (a 1D block along one dim is not a block along the other, so those raise).
+    """
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"transpose expects a QuantizedTensor, got {type(q).__name__}")
+    if len(q.shape) != 2:
+        raise ValueError(f"transpose expects a 2D QuantizedTensor, got shape {tuple(q.shape)}")
+    block = q.config.block
+    if block is not None and block[0] != block[1]:
+        raise ValueError(f"transpose needs square 2D blocks or a per-tensor scale, got block {block}")
+    R, C = q.shape
+    codes = q.codes()  # (R_pad, C_pad)
+    if codes.shape != (R, C):
+        raise ValueError(f"transpose: padded QuantizedTensor {tuple(codes.shape)} vs shape {(R, C)} is not supported")
+    codes_t = codes.T.contiguous()  # (C, R)
+    data = pack_fp4(codes_t) if q.packed else codes_t
+    scales = q.scales if block is None else q.scales.T.contiguous()
+    return replace(q, data=data, scales=scales, shape=torch.Size((C, R)))

@@ -1,0 +1,38 @@
+"""Quantized training layers: ``QuantLinear``, model conversion, QAT, and the run-time state helpers.
+
+    report = fourbit.nn.convert(model, "nvfp4")      # swap nn.Linear -> QuantLinear in place
+    for step in range(total):
+        fourbit.nn.set_progress(model, step / total)  # only recipes with switch_to_bf16_at need it
+        ...
+    ckpt["rng"] = fourbit.nn.rng_state(model)         # stochastic-rounding counters, with the checkpoint
+"""
+
+from .convert import (
+    ConversionReport,
+    LayerReport,
+    convert,
+    find_blocks,
+    load_rng_state,
+    quant_linears,
+    rng_state,
+    set_progress,
+    set_recipe,
+)
+from .linear import QuantLinear
+from .qat import QATLinear, fake_quantize, qat
+
+__all__ = [
+    "QuantLinear",
+    "QATLinear",
+    "ConversionReport",
+    "LayerReport",
+    "convert",
+    "find_blocks",
+    "set_recipe",
+    "set_progress",
+    "rng_state",
+    "load_rng_state",
+    "quant_linears",
+    "qat",
+    "fake_quantize",
+]

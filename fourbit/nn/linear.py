@@ -1,0 +1,289 @@
+"""``QuantLinear``: ``nn.Linear`` whose three GEMMs run on quantized operands, per a ``Recipe``.
+
+With x flattened to (M, K) (M tokens, all leading dims), W (N, K) and dy (M, N), one custom autograd
+function runs
+
+    Fprop   y  = Q(x) Q(W)^T            A = x     (M, K)   B = W     (N, K)    reduce over K -> (M, N)
+    Dgrad   dx = Q(dy) Q(W^T)^T         A = dy    (M, N)   B = W^T   (K, N)    reduce over N -> (M, K)
+    Wgrad   dW = Q(H dy)^T Q(H x)       A = dy^T  (N, M)   B = x^T   (K, M)    reduce over M -> (N, K)
+
+            x ──Q──┐                    dy ──Q──┐                  dy^T ─H─Q──┐
+                   ├─ fprop ─> y                ├─ dgrad ─> dx                ├─ wgrad ─> dW
+            W ──Q──┘           W^T ──Q(=Q(W)^T for 16x16)─┘       x^T ─H─Q──┘
+
+each operand quantized along that GEMM's reduction dim (``fourbit.gemm.qmm`` takes both as (rows, K)), with
+the recipe's scheme, rounding and Hadamard transform ``H`` (wgrad only, along the token dim M, which is
+zero-padded to a multiple of 16 and of the block size: zero rows add nothing to a reduction and do not
+change any amax, so padding is exact). With square 2D weight blocks (NVFP4's 16x16, FP8's 128x128) or a
+per-tensor weight scale, W is quantized once in fprop and its transpose reused by dgrad, so both GEMMs see
+the same quantized weight; with 1x16 blocks along each reduction dim they see different ones.
+
+Emulation: the quantized operands are dequantized and multiplied with float32 accumulation (or the
+recipe's ``Accumulation`` model). The bias is added in float32. Master weights, their gradients and the
+optimizer state stay in the parameters' dtype. Under autocast the input is cast to the autocast dtype
+before quantization (as ``nn.Linear`` would cast it) and the output has that dtype. A recipe that quantizes
+nothing (``bf16``) is exactly ``F.linear``.
+
+Stochastic rounding is seeded per (recipe seed, layer id, step, role) by ``derive_seed``: ``step`` counts
+this layer's training forwards (``module.training`` and grad enabled) and is saved and restored with
+``fourbit.nn.rng_state`` / ``load_rng_state``, so a resumed run continues the same random stream.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..gemm import qmm, transpose
+from ..hadamard import RHT, RHT_SIZE, rht
+from ..quantize import QuantizedTensor, quantize
+from ..recipes import OperandQuant, Recipe, get_recipe
+from ..rounding import Rounding
+
+__all__ = ["QuantLinear", "Role", "derive_seed", "quantize_operand", "quantize_weight", "wgrad_inputs"]
+
+_M64 = (1 << 64) - 1
+
+
+class Role(enum.IntEnum):
+    """Which operand of which GEMM a stochastic-rounding seed is for (part of the seed mix)."""
+
+    FPROP_X = 0
+    FPROP_W = 1
+    DGRAD_DY = 2
+    DGRAD_W = 3
+    WGRAD_DY = 4
+    WGRAD_X = 5
+
+
+def _splitmix64(z: int) -> int:
+    """SplitMix64's finaliser (Steele et al. 2014): a bijective, well-mixed 64-bit integer hash."""
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def derive_seed(seed: int, layer_id: int, step: int, role: Role | int) -> int:
+    """The stochastic-rounding seed of one operand: ``h(h(h(h(seed) ^ layer) ^ step) ^ role)`` in [0, 2^63)."""
+    h = _splitmix64(seed & _M64)
+    for v in (layer_id, step, int(role)):
+        h = _splitmix64(h ^ (v & _M64))
+    return h >> 1  # 63 bits: a non-negative int64 for kernels
+
+
+def quantize_operand(
+    t: torch.Tensor, op: OperandQuant, *, seed: int | None = None, rht_seed: int | None = None
+) -> QuantizedTensor | torch.Tensor:
+    """Quantize a GEMM operand (rows, reduction) along its last dim per ``op``; unquantized if no scheme.
+
+    ``op.rht`` applies the RHT along the last dim first (``rht_seed`` required). The caller pads the
+    reduction dim where it may not divide (the wgrad token dim); other dims are zero-padded by ``quantize``
+    only for 2D blocks (rows). Non-finite inputs propagate as NaN instead of raising, as in ``nn.Linear``.
+    """
+    if op.scheme is None:
+        return t
+    if op.rht:
+        if rht_seed is None:
+            raise ValueError("quantize_operand: op.rht needs rht_seed")
+        t = rht(t, -1, transform=RHT(RHT_SIZE, rht_seed))
+    stochastic = op.rounding is Rounding.STOCHASTIC
+    if stochastic and seed is None:
+        raise ValueError("quantize_operand: stochastic rounding needs a seed")
+    return quantize(t, op.scheme, rounding=op.rounding, seed=seed if stochastic else None, pad=True, check_finite=False)
+
+
+def _shares_weight(recipe: Recipe) -> bool:
+    """Fprop and dgrad can use one quantized W: same RNE config, square 2D blocks or one scale per tensor."""
+    f, d = recipe.fprop.b, recipe.dgrad.b
+    if f != d or f.scheme is None or f.rounding is not Rounding.NEAREST or f.rht:
+        return False
+    block = f.scheme.block
+    return block is None or block[0] == block[1]
+
+
+def quantize_weight(
+    w: torch.Tensor, recipe: Recipe, *, layer_id: int = 0, step: int = 0, dgrad: bool = True
+) -> tuple[QuantizedTensor | torch.Tensor, QuantizedTensor | torch.Tensor | None]:
+    """(W as fprop's B operand (N, K), W^T as dgrad's B operand (K, N) or None if ``dgrad`` is False)."""
+    def seed(role):
+        return derive_seed(recipe.seed, layer_id, step, role)
+
+    w_f = quantize_operand(w, recipe.fprop.b, seed=seed(Role.FPROP_W))
+    if not dgrad:
+        return w_f, None
+    if _shares_weight(recipe):
+        return w_f, transpose(w_f)
+    return w_f, quantize_operand(w.T, recipe.dgrad.b, seed=seed(Role.DGRAD_W))
+
+
+def token_multiple(recipe: Recipe) -> int:
+    """Wgrad reduces over tokens: pad M to a multiple of every wgrad block width (and 16 for the RHT)."""
+    dims = [1]
+    for op in (recipe.wgrad.a, recipe.wgrad.b):
+        if op.scheme is not None and op.scheme.block is not None:
+            dims.append(op.scheme.block[1])
+        if op.rht:
+            dims.append(RHT_SIZE)
+    return math.lcm(*dims)
+
+
+def wgrad_inputs(dy: torch.Tensor, x: torch.Tensor, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wgrad's operands before quantization: dy^T (N, M') and x^T (K, M'), M zero-padded to M'.
+
+    Transposed, padded and, where the recipe says so, Hadamard-transformed along M' (float32, or float64
+    for float64 inputs); ``a @ b.T == dy.T @ x`` in exact arithmetic.
+    """
+    pad = (-dy.shape[0]) % token_multiple(recipe)
+    a, b = dy.T, x.T  # (N, M), (K, M)
+    if pad:
+        a, b = F.pad(a, (0, pad)), F.pad(b, (0, pad))
+    if recipe.wgrad.a.rht:  # GemmQuant guarantees both operands or neither
+        transform = RHT(RHT_SIZE, recipe.rht_seed)
+        a, b = rht(a, -1, transform=transform), rht(b, -1, transform=transform)
+    return a, b
+
+
+class _QuantLinearFunction(torch.autograd.Function):
+    """The three quantized GEMMs of a linear layer (see the module docstring). No bias: added outside."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, layer_id: int, step: int):
+        # x (M, K), weight (N, K) -> y float32 (M, N)
+        qx = quantize_operand(x, recipe.fprop.a, seed=derive_seed(recipe.seed, layer_id, step, Role.FPROP_X))
+        qw, qw_t = quantize_weight(weight, recipe, layer_id=layer_id, step=step, dgrad=_shares_weight(recipe))
+        y = qmm(qx, qw, accumulation=recipe.accumulation)  # (M, N)
+        ctx.save_for_backward(x, weight)
+        ctx.qw_t = qw_t  # dgrad's W^T when shared with fprop, else quantized in backward
+        ctx.recipe, ctx.layer_id, ctx.step = recipe, layer_id, step
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors  # (M, K), (N, K)
+        recipe = ctx.recipe
+
+        def seed(role):
+            return derive_seed(recipe.seed, ctx.layer_id, ctx.step, role)
+
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            # Dgrad: dx (M, K) = dy (M, N) @ W (N, K), reduction over N
+            qdy = quantize_operand(dy, recipe.dgrad.a, seed=seed(Role.DGRAD_DY))
+            qw_t = ctx.qw_t
+            if qw_t is None:
+                qw_t = quantize_operand(weight.T, recipe.dgrad.b, seed=seed(Role.DGRAD_W))  # (K, N)
+            dx = qmm(qdy, qw_t, accumulation=recipe.accumulation).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            # Wgrad: dW (N, K) = dy^T (N, M') @ x (M', K), reduction over tokens
+            a, b = wgrad_inputs(dy, x, recipe)  # transposed, padded, RHT'd
+            qa = quantize_operand(a, _without_rht(recipe.wgrad.a), seed=seed(Role.WGRAD_DY))
+            qb = quantize_operand(b, _without_rht(recipe.wgrad.b), seed=seed(Role.WGRAD_X))
+            dw = qmm(qa, qb, accumulation=recipe.accumulation).to(weight.dtype)
+        ctx.qw_t = None
+        return dx, dw, None, None, None
+
+
+def _without_rht(op: OperandQuant) -> OperandQuant:
+    """``op`` for an operand that ``wgrad_inputs`` has already transformed."""
+    return replace(op, rht=False)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+@torch.compiler.disable
+def _quant_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+    """Runs eagerly under torch.compile: quantization is data-dependent and the step counter is Python state."""
+    recipe = module.recipe.at(module.progress)
+    if not recipe.quantized:
+        return F.linear(x, module.weight, module.bias)
+    if x.shape[-1] != module.in_features:
+        raise ValueError(
+            f"QuantLinear: input's last dim is {x.shape[-1]}, expected in_features={module.in_features}"
+        )
+    step = module.step
+    if module.training and torch.is_grad_enabled():
+        module.step += 1  # one step per training forward: the SR stream advances
+    device_type = x.device.type
+    cast = _autocast_dtype(device_type)
+    out_dtype = cast or x.dtype
+    x2 = x.to(out_dtype).reshape(-1, module.in_features)  # (M, K)
+    with torch.autocast(device_type, enabled=False):
+        y = _QuantLinearFunction.apply(x2, module.weight, recipe, module.layer_id, step)  # (M, N) float32
+        if module.bias is not None:
+            y = y + module.bias.float()
+    return y.to(out_dtype).reshape(*x.shape[:-1], module.out_features)
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` with quantized Fprop, Dgrad and Wgrad GEMMs per ``recipe`` (same parameters and keys).
+
+    recipe    a ``Recipe`` or a name from ``fourbit.recipes.RECIPES``
+    layer_id  part of the stochastic-rounding seed (``fourbit.nn.convert`` numbers the linears of a model)
+    step      training forwards so far (advanced automatically; saved by ``fourbit.nn.rng_state``)
+    progress  training progress in [0, 1] for the recipe's late switch (``fourbit.nn.set_progress``)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        recipe: Recipe | str = "nvfp4",
+        layer_id: int = 0,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.recipe = recipe
+        self.layer_id = layer_id
+        self.step = 0
+        self.progress: float | None = None
+
+    @property
+    def recipe(self) -> Recipe:
+        return self._recipe
+
+    @recipe.setter
+    def recipe(self, recipe: Recipe | str) -> None:
+        recipe = get_recipe(recipe)
+        check_features(recipe, self.in_features, self.out_features, type(self).__name__)
+        self._recipe = recipe
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: Recipe | str, *, layer_id: int = 0) -> "QuantLinear":
+        """A QuantLinear sharing ``linear``'s Parameter objects (optimizer state stays valid)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
+                recipe=recipe, layer_id=layer_id)
+        q.weight = linear.weight
+        q.bias = linear.bias
+        q.train(linear.training)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _quant_forward(self, x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={self.recipe.name}, layer_id={self.layer_id}"
+
+
+def check_features(recipe: Recipe, in_features: int, out_features: int, name: str) -> None:
+    """ValueError naming the layer if its features are not multiples of the recipe's block dims."""
+    mult = recipe.feature_multiple()
+    if in_features % mult or out_features % mult:
+        raise ValueError(
+            f"{name}: in_features={in_features}, out_features={out_features} are not multiples of {mult}, "
+            f"the block size of recipe {recipe.name!r}"
+        )
