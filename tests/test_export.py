@@ -1,0 +1,308 @@
+"""NVFP4 checkpoints in the ModelOpt and compressed-tensors layouts: names, dtypes, shapes and scale
+conventions as vLLM's loaders expect them, bit-exact round trip, and rejected bad files."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fourbit.export import CheckpointError, export, load_quantized
+from fourbit.ptq import QuantizedLinear, ptq, quantized_linears
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+LAYOUTS = ["modelopt", "compressed-tensors"]
+SIX_TIMES_448 = 2688.0  # E2M1 max x E4M3 max
+# ModelOpt's amax / 2688 is rounded once, fourbit's 1 / fp32(2688 / amax) twice: at most 1 ulp apart
+SCALE_ULPS = 1
+# compressed-tensors dequantizes as e2m1 * (s_b / s_enc), fourbit as (e2m1 * s_b) * fp32(1/s_enc):
+# two or three float32 roundings apart, so relative 4 * 2^-24
+CT_DEQUANT_RTOL = 4 * 2.0**-24
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def tiny_llama(tie: bool = True, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def calib():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 128, (2, 24), generator=g) for _ in range(2)]
+
+
+def quantized(activations: bool, tie: bool = True) -> nn.Module:
+    return ptq(tiny_llama(tie), "nvfp4", activations=activations, calibration=calib(), progress=False)
+
+
+def ulp(x: torch.Tensor) -> torch.Tensor:
+    return torch.nextafter(x, torch.tensor(float("inf"))) - x
+
+
+@pytest.fixture(scope="module", params=[(lay, act) for lay in LAYOUTS for act in (False, True)],
+                ids=lambda p: f"{p[0]}-{'W4A4' if p[1] else 'W4A16'}")  # fmt: skip
+def exported(request, tmp_path_factory):
+    layout, act = request.param
+    model = quantized(act)
+    out = tmp_path_factory.mktemp(f"{layout}-{act}")
+    export(model, out, layout)
+    return layout, act, model, out
+
+
+def test_round_trip_is_bit_exact(exported):
+    layout, act, model, out = exported
+    loaded = load_quantized(out)
+    x = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded(x).logits)
+    a, b = quantized_linears(model), quantized_linears(loaded)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name].weight_data, b[name].weight_data), name
+        assert torch.equal(a[name].weight_scales.view(torch.uint8), b[name].weight_scales.view(torch.uint8)), name
+        assert torch.equal(a[name].weight_tensor_scale, b[name].weight_tensor_scale), name
+    # and a second export writes the same bytes
+    again = out.parent / (out.name + "-again")
+    export(loaded, again, layout)
+    t1 = safetensors_torch.load_file(str(out / "model.safetensors"))
+    t2 = safetensors_torch.load_file(str(again / "model.safetensors"))
+    assert t1.keys() == t2.keys()
+    for k in t1:
+        assert t1[k].dtype == t2[k].dtype and torch.equal(t1[k].reshape(-1).view(torch.uint8), t2[k].reshape(-1).view(torch.uint8)), k
+
+
+def expected_layer_tensors(layout, act, out_f, in_f):
+    if layout == "modelopt":
+        spec = {
+            "weight": (torch.uint8, (out_f, in_f // 2)),
+            "weight_scale": (torch.float8_e4m3fn, (out_f, in_f // 16)),
+            "weight_scale_2": (torch.float32, ()),
+        }
+        if act:
+            spec["input_scale"] = (torch.float32, ())
+    else:
+        spec = {
+            "weight_packed": (torch.uint8, (out_f, in_f // 2)),
+            "weight_scale": (torch.float8_e4m3fn, (out_f, in_f // 16)),
+            "weight_global_scale": (torch.float32, (1,)),
+        }
+        if act:
+            spec["input_global_scale"] = (torch.float32, (1,))
+    return spec
+
+
+def test_tensor_names_dtypes_shapes(exported):
+    layout, act, model, out = exported
+    tensors = safetensors_torch.load_file(str(out / "model.safetensors"))
+    expected = {}
+    for name, m in quantized_linears(model).items():
+        for k, (dtype, shape) in expected_layer_tensors(layout, act, m.out_features, m.in_features).items():
+            expected[f"{name}.{k}"] = (dtype, shape)
+    for name, p in model.named_parameters():  # everything else, in its own dtype; tied lm_head once
+        if name != "lm_head.weight":
+            expected[name] = (p.dtype, tuple(p.shape))
+    got = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    assert got == expected
+
+
+def test_scale_conventions(exported):
+    layout, act, model, out = exported
+    tensors = safetensors_torch.load_file(str(out / "model.safetensors"))
+    base = dict(tiny_llama().named_modules())
+    for name, m in quantized_linears(model).items():
+        amax = base[name].weight.detach().abs().max().double()
+        if layout == "modelopt":
+            ws2 = tensors[f"{name}.weight_scale_2"]
+            assert torch.equal(ws2, m.weight_tensor_scale)  # the decode scale the codes were made for
+            modelopt = (amax / SIX_TIMES_448).float()  # ModelOpt: amax / (6 * 448), one rounding
+            assert abs(float(ws2) - float(modelopt)) <= SCALE_ULPS * float(ulp(modelopt))
+        else:
+            wgs = tensors[f"{name}.weight_global_scale"]
+            # an ENCODE scale: float32 division is correctly rounded, so this is fp32(2688 / amax)
+            assert float(wgs) == float((SIX_TIMES_448 / amax).float())
+        if act:
+            a = m.input_amax.double()
+            if layout == "modelopt":
+                s = tensors[f"{name}.input_scale"]
+                assert abs(float(s) - float(a / SIX_TIMES_448)) <= SCALE_ULPS * float(ulp((a / SIX_TIMES_448).float()))
+            else:
+                assert float(tensors[f"{name}.input_global_scale"]) == float((SIX_TIMES_448 / a).float())
+
+
+def test_file_dequantizes_like_the_layer(exported):
+    """Decode the file with the layout's own formula, no fourbit code involved."""
+    layout, act, model, out = exported
+    tensors = safetensors_torch.load_file(str(out / "model.safetensors"))
+    for name, m in quantized_linears(model).items():
+        packed = tensors[f"{name}.weight" if layout == "modelopt" else f"{name}.weight_packed"]
+        codes = torch.stack((packed & 0xF, packed >> 4), -1).reshape(packed.shape[0], -1)
+        mag = E2M1_VALUES[(codes & 7).long()]
+        v = torch.where((codes & 8) != 0, -mag, mag).reshape(m.out_features, -1, 16)
+        sb = tensors[f"{name}.weight_scale"].float()[:, :, None]
+        layer_w = m.dequantized_weight()
+        if layout == "modelopt":
+            w = (v * sb * tensors[f"{name}.weight_scale_2"]).reshape(layer_w.shape)
+            assert torch.equal(w, layer_w), name
+        else:
+            w = (v * (sb / tensors[f"{name}.weight_global_scale"])).reshape(layer_w.shape)
+            torch.testing.assert_close(w, layer_w, rtol=CT_DEQUANT_RTOL, atol=0)
+
+
+def test_configs(exported):
+    layout, act, model, out = exported
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert config["model_type"] == "llama"
+    if layout == "modelopt":
+        hq = json.loads((out / "hf_quant_config.json").read_text())
+        algo = "NVFP4" if act else "W4A16_NVFP4"
+        assert set(hq) == {"producer", "quantization"}
+        assert hq["quantization"] == {
+            "quant_algo": algo, "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": ["lm_head"],
+        }  # fmt: skip
+        assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == algo and qc["ignore"] == ["lm_head"]
+        group = qc["config_groups"]["group_0"]
+        assert group["targets"] == ["Linear"]
+        assert group["weights"] == {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
+        assert ("input_activations" in group) == act
+    else:
+        assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "nvfp4-pack-quantized"
+        assert qc["quantization_status"] == "compressed" and qc["ignore"] == ["lm_head"]
+        group = qc["config_groups"]["group_0"]
+        w = group["weights"]
+        assert (w["num_bits"], w["type"], w["strategy"], w["group_size"], w["symmetric"], w["dynamic"]) == (
+            4, "float", "tensor_group", 16, True, False,
+        )  # fmt: skip
+        if act:
+            assert group["input_activations"]["dynamic"] == "local"
+        else:
+            assert group["input_activations"] is None
+
+
+# ---------------------------------------------------------------------------------- bad files
+def corrupt(src, dst, edit):
+    import shutil
+
+    shutil.copytree(src, dst)
+    tensors = safetensors_torch.load_file(str(dst / "model.safetensors"))
+    edit(tensors)
+    safetensors_torch.save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+LAYER = "model.layers.1.mlp.down_proj"
+
+
+def _set(name, value):
+    def edit(t):
+        t[name] = value(t[name]) if callable(value) else value
+
+    return edit
+
+
+def _nan_block(t):
+    s = t[f"{LAYER}.weight_scale"].clone()
+    s.view(torch.uint8)[3, 1] = 0x7F  # E4M3 NaN
+    t[f"{LAYER}.weight_scale"] = s
+
+
+BAD = {
+    "modelopt": [
+        ("missing-scale", lambda t: t.pop(f"{LAYER}.weight_scale"), f"{LAYER}.weight_scale"),
+        ("missing-scale2", lambda t: t.pop(f"{LAYER}.weight_scale_2"), f"{LAYER}.weight_scale_2"),
+        ("shape", _set(f"{LAYER}.weight_scale", lambda s: s[:, :-1].contiguous()), f"{LAYER}.weight_scale"),
+        ("dtype", _set(f"{LAYER}.weight_scale", lambda s: s.float()), f"{LAYER}.weight_scale"),
+        ("zero-global", _set(f"{LAYER}.weight_scale_2", torch.tensor(0.0)), f"{LAYER}.weight_scale_2"),
+        ("nan-global", _set(f"{LAYER}.weight_scale_2", torch.tensor(float("nan"))), f"{LAYER}.weight_scale_2"),
+        ("inf-global", _set(f"{LAYER}.weight_scale_2", torch.tensor(float("inf"))), f"{LAYER}.weight_scale_2"),
+        ("nan-block", _nan_block, f"{LAYER}.weight_scale"),
+        ("zero-input", _set(f"{LAYER}.input_scale", torch.tensor(0.0)), f"{LAYER}.input_scale"),
+        ("missing-input", lambda t: t.pop(f"{LAYER}.input_scale"), f"{LAYER}.input_scale"),
+    ],
+    "compressed-tensors": [
+        ("missing-global", lambda t: t.pop(f"{LAYER}.weight_global_scale"), f"{LAYER}.weight_global_scale"),
+        ("shape-global", _set(f"{LAYER}.weight_global_scale", lambda s: s.reshape(())), f"{LAYER}.weight_global_scale"),
+        ("zero-global", _set(f"{LAYER}.weight_global_scale", torch.zeros(1)), f"{LAYER}.weight_global_scale"),
+        ("inf-global", _set(f"{LAYER}.weight_global_scale", torch.full((1,), float("inf"))), f"{LAYER}.weight_global_scale"),
+        ("nan-input", _set(f"{LAYER}.input_global_scale", torch.full((1,), float("nan"))), f"{LAYER}.input_global_scale"),
+        ("nan-block", _nan_block, f"{LAYER}.weight_scale"),
+        ("packed-shape", _set(f"{LAYER}.weight_packed", lambda p: p[:-1].contiguous()), f"{LAYER}.weight_packed"),
+    ],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def w4a4_dirs(tmp_path_factory):
+    dirs = {}
+    model = quantized(True)
+    for layout in LAYOUTS:
+        dirs[layout] = export(model, tmp_path_factory.mktemp(f"good-{layout}"), layout)
+    return dirs
+
+
+@pytest.mark.parametrize(
+    "layout, edit, tensor",
+    [(lay, e, t) for lay, cases in BAD.items() for _, e, t in cases],
+    ids=[f"{lay}-{case}" for lay, cases in BAD.items() for case, _, _ in cases],
+)
+def test_bad_checkpoint_rejected_naming_the_tensor(w4a4_dirs, tmp_path, layout, edit, tensor):
+    bad = corrupt(w4a4_dirs[layout], tmp_path / "bad", edit)
+    with pytest.raises(CheckpointError, match=repr(tensor).replace(".", r"\.")):
+        load_quantized(bad)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_zero_block_scale_is_legal(w4a4_dirs, tmp_path, layout):
+    def zero_block(t):
+        s = t[f"{LAYER}.weight_scale"].clone()
+        s.view(torch.uint8)[0, :] = 0
+        t[f"{LAYER}.weight_scale"] = s
+
+    model = load_quantized(corrupt(w4a4_dirs[layout], tmp_path / "zero", zero_block))
+    w = dict(model.named_modules())[LAYER].dequantized_weight()
+    assert torch.equal(w[0], torch.zeros_like(w[0]))
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(16)[None]).logits).all()
+
+
+def test_bad_config_rejected(w4a4_dirs, tmp_path):
+    import shutil
+
+    bad = tmp_path / "cfg"
+    shutil.copytree(w4a4_dirs["modelopt"], bad)
+    hq = json.loads((bad / "hf_quant_config.json").read_text())
+    del hq["quantization"]["group_size"]
+    (bad / "hf_quant_config.json").write_text(json.dumps(hq))
+    with pytest.raises(CheckpointError, match="group_size"):
+        load_quantized(bad)
+
+
+def test_export_refuses_what_the_layouts_cannot_hold(tmp_path):
+    with pytest.raises(ValueError, match="nvfp4 1x16 only"):
+        export(ptq(tiny_llama(), "mxfp4", progress=False), tmp_path / "mx")
+    with pytest.raises(ValueError, match="RHT"):
+        export(ptq(tiny_llama(), "nvfp4", rht=True, progress=False), tmp_path / "rht")
+    with pytest.raises(ValueError, match="no QuantizedLinear"):
+        export(tiny_llama(), tmp_path / "none")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_plain_module_round_trip(tmp_path, layout):
+    """Any nn.Module: load_quantized(dir, model=skeleton) for models without a Hugging Face config."""
+
+    def net():
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 48, bias=False), nn.LayerNorm(48))
+
+    model = ptq(net(), "nvfp4", activations=True, calibration=[torch.randn(8, 32)], skip=[], progress=False)
+    export(model, tmp_path, layout)
+    loaded = load_quantized(tmp_path, model=net())
+    assert isinstance(loaded[0], QuantizedLinear) and loaded[0].bias is not None
+    x = torch.randn(4, 32)
+    assert torch.equal(model(x), loaded(x))
