@@ -32,7 +32,8 @@ and each ``|p_k / q|`` are integers below ``2^w``, and ``group + 1`` of them sta
 What is and is not modelled: truncation (not rounding) of each aligned addend and of the stored sum, which
 biases every group toward zero; a single alignment shift per group, so a product far below the group's
 maximum is lost entirely (the "swamping" that makes long K hurt); exponent range is float64's (no
-overflow/underflow in the tensor core, values are assumed scaled into range, as FP8 recipes do). The exact
+overflow/underflow in the tensor core, values are assumed scaled into range, as FP8 recipes do; an Inf or
+NaN product makes the output Inf or NaN, as the IEEE sum would). The exact
 bit positions of real hardware (extra guard bits inside the adder tree, the order in which the accumulator
 joins the tree) are not public; this is the simplest model consistent with DeepSeek-V3's description.
 
@@ -183,12 +184,16 @@ def _limited_rows(
         torch.mul(a_g[:, None, i, :], b_g[None, :, i, :], out=p)  # (m, N, g) exact products
         torch.abs(p, out=p_abs)
         amax = torch.maximum(p_abs.amax(dim=-1), tc.abs())  # (m, N), accumulator included
+        finite = torch.isfinite(amax)
+        overflow = None if bool(finite.all()) else p.sum(dim=-1) + tc  # Inf/NaN: the IEEE sum, before scaling
         _, e = torch.frexp(amax)  # amax in [2^(e-1), 2^e): E = e - 1
         inv_q = torch.ldexp(one, bits - e)  # 1/q = 2^(w - 1 - E), exact power of two
         p.mul_(inv_q[..., None])  # aligned: |p/q| < 2^w
         p_int.copy_(p)  # float -> int casts truncate toward zero
         s = p_int.sum(dim=-1).double() + torch.trunc(tc * inv_q)  # exact integer sum
         tc = truncate_bits(s / inv_q, bits)  # written back at w bits
+        if overflow is not None:  # an int cast of Inf/NaN is garbage: keep the non-finite sum instead
+            tc = torch.where(finite, tc, overflow)
         if promote_groups and (i + 1) % promote_groups == 0:
             out += tc.float()  # exact cast (w <= 24 bits), then one float32 add
             tc.zero_()
