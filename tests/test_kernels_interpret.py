@@ -42,7 +42,7 @@ def _kernel_quantize(x, block=(1, 16), rounding="nearest", seed=None, amax=None,
     from fourbit.quantize import QuantizedTensor
 
     config = NVFP4Config(block=block)
-    data, scales, ts = quantize_nvfp4(x, config, Rounding.parse(rounding), seed, amax, pad, block_cols=64)
+    data, scales, ts = quantize_nvfp4(x, config, Rounding.parse(rounding), seed, amax, pad, tile=256, max_blocks=4)
     return QuantizedTensor(data, scales, ts, config, x.shape, x.dtype)
 
 

@@ -6,13 +6,13 @@ a NaN anywhere gives a non-finite amax and ``s_enc = 1``, as in the reference). 
 
 Pass 2 (``_quantize_kernel``) reads ``x`` once more, tile by tile, and writes packed codes and E4M3 scales::
 
-    program (i, j) owns rows [i*BR, (i+1)*BR) and cols [j*BC, (j+1)*BC) of the (R, C) matrix view
-    x tile (BR, BC) --view--> (BR, BC/16, 16)            1x16 blocks: max over the last axis
-                     --view--> (BR/16, 16, BC/16, 16)    16x16 blocks: max over axes 1 and 3
+    program (i, j) owns rows [i*BR, (i+1)*BR) and cols [j*16*NB, (j+1)*16*NB) of the (R, C) matrix view
+    x tile (BR, NB, 16): BR rows, NB blocks of 16 columns   1x16 blocks: max over the last axis
+                         (16, NB, 16) for 16x16 blocks     max over axes 0 and 2
     s_enc, s_dec      from amax, every program (a few scalar ops; program (0, 0) stores s_dec)
     s_dec_b = e4m3(amax_b * (s_enc * fp32(1/6)))  ->  s_enc_b = 1 / (s_dec_b * s_dec)  (0 if the product is 0)
-    codes = e2m1(nan_to_num(x * s_enc_b))   RNE or SR with random_bits(seed, r * C_orig + c)
-    packed (BR, BC/2): code 2i in the low nibble, 2i+1 in the high one; scales (BR, BC/16) or (BR/16, BC/16)
+    codes = e2m1(nan_to_num(x * s_enc_b))   RNE (by thresholds) or SR with random_bits(seed, r * C_orig + c)
+    packed (BR, NB, 8): code 2i in the low nibble, 2i+1 in the high one; scales (BR, NB) or (1, NB)
 
 Every float32 operation is the reference's, in its order, with IEEE rounding and subnormals kept
 (``tl_formats`` says how). Padding (``pad=True``) is done by masked loads: padded elements read as +0.
@@ -29,7 +29,7 @@ from ..formats import E2M1_MAX, E4M3_MAX
 from ..nvfp4 import ONE_SIXTH
 from ..rounding import Rounding, seed_key
 from ..schemes import NVFP4Config
-from .tl_formats import F32_MAX, decode_e4m3, encode_e2m1, encode_e4m3, random_bits
+from .tl_formats import F32_MAX, decode_e4m3, encode_e2m1, encode_e2m1_rne, encode_e4m3, random_bits
 
 EXACT_OPTIONS = dict(enable_fp_fusion=False, enable_reflect_ftz=False)  # IEEE float32, as the reference
 ONE_SIXTH_F32 = float(ONE_SIXTH)  # fp32(1/6), exactly representable as a Python float
@@ -62,15 +62,16 @@ def _quantize_kernel(
     BLOCK_ROWS: tl.constexpr,  # 1 or 16
     STOCHASTIC: tl.constexpr,
     PRECISE_DIV: tl.constexpr,
-    BR: tl.constexpr,
-    BC: tl.constexpr,
+    BR: tl.constexpr,  # rows per program (16 for 16x16 blocks)
+    NB: tl.constexpr,  # 16-column blocks per program
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
-    rows = pid_r.to(tl.int64) * BR + tl.arange(0, BR)
-    cols = pid_c * BC + tl.arange(0, BC)
-    in_mask = (rows[:, None] < R) & (cols[None, :] < C)
-    x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=in_mask, other=0.0).to(tl.float32)  # (BR, BC)
+    r = pid_r.to(tl.int64) * BR + tl.arange(0, BR)
+    b = pid_c * NB + tl.arange(0, NB)
+    rows = r[:, None, None]  # (BR, 1, 1)
+    cols = b[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]  # (1, NB, 16)
+    x = tl.load(x_ptr + rows * C + cols, mask=(rows < R) & (cols < C), other=0.0).to(tl.float32)  # (BR, NB, 16)
 
     # tensor scale: s_enc = min(6 * 448 / amax, FLT_MAX), 1 if amax is 0 or not finite; s_dec = 1 / s_enc
     amax = tl.load(amax_ptr)
@@ -91,51 +92,41 @@ def _quantize_kernel(
     # block amax over |x| bits; a non-finite block is flagged and treated as amax 0
     xbits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     if BLOCK_ROWS == 1:
-        bmax = tl.max(tl.reshape(xbits, (BR, BC // 16, 16)), axis=2)  # (BR, BC/16)
+        bmax = tl.max(xbits, axis=2)  # (BR, NB)
     else:
-        bmax = tl.max(tl.max(tl.reshape(xbits, (BR // 16, 16, BC // 16, 16)), axis=3), axis=1)  # (BR/16, BC/16)
+        bmax = tl.max(tl.max(xbits, axis=2), axis=0)[None, :]  # (1, NB)
     finite_b = bmax < 0x7F800000
     amax_b = tl.where(finite_b, bmax, 0).to(tl.float32, bitcast=True)
 
+    # s_dec_b = e4m3(amax_b * (s_enc * fp32(1/6))); s_enc_b = 1 / (s_dec_b * s_dec), 0 where that is 0
     base = amax_b * (s_enc * ONE_SIXTH_C)
     scode = encode_e4m3(base)
-    s_dec_b = decode_e4m3(scode)
-    denom = s_dec_b * s_dec
+    denom = decode_e4m3(scode) * s_dec
     if PRECISE_DIV:
         inv = tl.math.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom)
     else:
         inv = 1.0 / denom
     s_enc_b = tl.where(denom == 0, 0.0, inv)
 
-    if BLOCK_ROWS == 1:
-        s_el = tl.reshape(tl.broadcast_to(s_enc_b[:, :, None], (BR, BC // 16, 16)), (BR, BC))
-        fin_el = tl.reshape(tl.broadcast_to(finite_b[:, :, None], (BR, BC // 16, 16)), (BR, BC))
-    else:
-        s_el = tl.reshape(tl.broadcast_to(s_enc_b[:, None, :, None], (BR // 16, 16, BC // 16, 16)), (BR, BC))
-        fin_el = tl.reshape(tl.broadcast_to(finite_b[:, None, :, None], (BR // 16, 16, BC // 16, 16)), (BR, BC))
-    y = x * s_el
-    y = tl.where(y != y, 0.0, y)  # nan_to_num(nan=0); +-Inf saturates in the encoder as +-FLT_MAX would
+    y = x * s_enc_b[:, :, None]
     if STOCHASTIC:
-        rbits = random_bits(key, rows[:, None] * c_index + cols[None, :])
+        y = tl.where(y != y, 0.0, y)  # nan_to_num(nan=0); +-Inf saturates in the encoder as +-FLT_MAX would
+        codes = encode_e2m1(y, random_bits(key, rows * c_index + cols), True)
     else:
-        rbits = 0
-    codes = encode_e2m1(y, rbits, STOCHASTIC)
-    codes = tl.where(fin_el, codes, 0)
+        codes = encode_e2m1_rne(y)  # NaN -> +0 by itself
+    codes = tl.where(finite_b[:, :, None], codes, 0)
     scode = tl.where(finite_b, scode, 0x7F)
 
-    lo, hi = tl.split(tl.reshape(codes, (BR, BC // 2, 2)))
-    packed = (lo | (hi << 4)).to(tl.uint8)
-    pcols = pid_c * (BC // 2) + tl.arange(0, BC // 2)
-    out_mask = (rows[:, None] < Rp) & (pcols[None, :] < Cp // 2)
-    tl.store(data_ptr + rows[:, None] * (Cp // 2) + pcols[None, :], packed, mask=out_mask)
+    lo, hi = tl.split(tl.reshape(codes, (BR, NB, 8, 2)))
+    packed = (lo | (hi << 4)).to(tl.uint8)  # (BR, NB, 8)
+    pcols = b[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    tl.store(data_ptr + rows * (Cp // 2) + pcols, packed, mask=(rows < Rp) & (pcols < Cp // 2))
 
-    scols = pid_c * (BC // 16) + tl.arange(0, BC // 16)
     if BLOCK_ROWS == 1:
-        srows = rows
+        srows = r[:, None]  # (BR, 1)
     else:
-        srows = pid_r.to(tl.int64) * (BR // 16) + tl.arange(0, BR // 16)
-    s_mask = (srows[:, None] < Rp // BLOCK_ROWS) & (scols[None, :] < Cp // 16)
-    tl.store(scales_ptr + srows[:, None] * (Cp // 16) + scols[None, :], scode.to(tl.uint8), mask=s_mask)
+        srows = pid_r.to(tl.int64) + tl.zeros((1, 1), tl.int64)  # one block row per program
+    tl.store(scales_ptr + srows * (Cp // 16) + b[None, :], scode.to(tl.uint8), mask=(srows < Rp // BLOCK_ROWS) & (b[None, :] < Cp // 16))
 
 
 def measure_amax(x: torch.Tensor, interpret: bool = False) -> torch.Tensor:
@@ -154,8 +145,8 @@ def quantize_nvfp4(
     amax,
     pad: bool,
     *,
-    block_rows: int = 32,
-    block_cols: int = 128,
+    tile: int = 2048,
+    max_blocks: int = 32,
     num_warps: int = 4,
 ):
     """(data uint8, scales float8_e4m3fn, tensor_scale float32 ()) exactly as ``fourbit.quantize`` builds them.
@@ -182,8 +173,10 @@ def quantize_nvfp4(
     key = seed_key(seed) if stochastic else 0
     key = key - (1 << 32) if key >= 1 << 31 else key  # passed as int32; the kernel reinterprets as uint32
 
-    BR = max(block_rows, br)
-    grid = (triton.cdiv(Rp, BR), triton.cdiv(Cp, block_cols))
+    # a program owns (BR rows) x (NB blocks of 16 columns): ``tile`` elements for 1x16, 16 x NB for 16x16
+    NB = min(max_blocks, triton.next_power_of_2(Cp // 16), max(1, tile // (16 * br)))
+    BR = 16 if br == 16 else max(1, tile // (16 * NB))
+    grid = (triton.cdiv(Rp, BR), triton.cdiv(Cp // 16, NB))
     options = {} if interpret else EXACT_OPTIONS
     _quantize_kernel[grid](
         xc,
@@ -203,7 +196,7 @@ def quantize_nvfp4(
         STOCHASTIC=stochastic,
         PRECISE_DIV=not interpret,
         BR=BR,
-        BC=block_cols,
+        NB=NB,
         num_warps=num_warps,
         **options,
     )

@@ -100,6 +100,20 @@ def encode_e2m1(x, rbits, STOCHASTIC: tl.constexpr):
 
 
 @triton.jit
+def encode_e2m1_rne(x):
+    """float32 -> E2M1 code by round-half-even thresholds; equals ``encode_e2m1(x, 0, False)`` for every x.
+
+    |x| rounds to 0, 0.5, 1, 1.5, 2, 3, 4, 6 with ties to the even code: up at 0.75, 1.75, 3.5 (``>=``),
+    down at 0.25, 1.25, 2.5, 5 (``>``); Inf saturates to 6; NaN (all comparisons false) gives +0.
+    """
+    a = tl.abs(x)
+    mag = (a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32) + (a >= 1.75).to(tl.int32)
+    mag += (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32)
+    negative = (x.to(tl.int32, bitcast=True) < 0) & (x == x)
+    return mag | (negative.to(tl.int32) << 3)
+
+
+@triton.jit
 def decode_e4m3(code):
     """E4M3 (fn) code (int32) -> float32, exact; 0x7F/0xFF -> NaN."""
     mag = code & 0x7F

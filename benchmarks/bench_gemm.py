@@ -1,0 +1,108 @@
+"""GEMM speed against cuBLAS BF16 ``F.linear`` measured in the same run.
+
+* emulated NVFP4 x NVFP4 (``fourbit.kernels.qmm``) at M = N = K = 8192, each tile config;
+* W4A16 NVFP4 GEMV / skinny GEMM, x (B, 8192) . W (28672, 8192)^T for B = 1 and 16, each config;
+* FP8 through ``scaled_mm``: per tensor and DeepSeek blockwise (1x128 x 128x128) at 8192^3.
+
+Quantization is outside the timed region (operands quantized once). Prints compiler facts for the
+Triton kernels (registers, spills, whether wgmma was used).
+
+    PYTHONPATH=. python benchmarks/bench_gemm.py
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+import fourbit
+from fourbit.kernels import fp8_mm
+from fourbit.kernels import nvfp4_gemm as g
+
+
+def median_ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def kernel_facts(kernel) -> list[str]:
+    try:
+        return _kernel_facts(kernel)
+    except Exception as e:  # triton internals move between versions; facts are a nicety
+        return [f"  (no compiler facts: {type(e).__name__}: {e})"]
+
+
+def _kernel_facts(kernel) -> list[str]:
+    facts = []
+    for per_device in kernel.device_caches.values() if hasattr(kernel, "device_caches") else [kernel.cache]:
+        cache = per_device[0] if isinstance(per_device, tuple) else per_device
+        for compiled in cache.values():
+            ptx = compiled.asm.get("ptx", "")
+            c = compiled.metadata
+            facts.append(
+                f"  regs {compiled.n_regs}, spills {compiled.n_spills}, shared {c.shared} B, warps {c.num_warps}, "
+                f"stages {c.num_stages}, wgmma {'wgmma' in ptx}, mma.sync {'mma.sync' in ptx}"
+            )
+    return facts
+
+
+def main() -> None:
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}")
+    rows = []
+    M = N = K = 8192
+    flop = 2 * M * N * K
+    a = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+    bf16_ms = median_ms(lambda: F.linear(a, b))
+    rows.append(("cuBLAS BF16 F.linear 8192^3", bf16_ms, flop / bf16_ms / 1e9, 1.0))
+
+    qa, qb = fourbit.quantize(a, "nvfp4"), fourbit.quantize(b, "nvfp4")
+    ref = F.linear(qa.dequantize(torch.bfloat16), qb.dequantize(torch.bfloat16)).float()
+    for cfg in g.GEMM_CONFIGS:
+        try:
+            out = g.qmm(qa, qb, config=cfg, out_dtype=torch.bfloat16)
+            rel = float((out.float() - ref).norm() / ref.norm())
+            ms = median_ms(lambda: g.qmm(qa, qb, config=cfg, out_dtype=torch.bfloat16))
+            rows.append((f"NVFP4 qmm 8192^3 {cfg} (rel err vs bf16 {rel:.1e})", ms, flop / ms / 1e9, bf16_ms / ms))
+        except Exception as e:  # a config that does not fit (shared memory) is reported, not fatal
+            rows.append((f"NVFP4 qmm {cfg}: {type(e).__name__}: {str(e)[:80]}", float("nan"), float("nan"), float("nan")))
+    print("qmm kernel:", *kernel_facts(g._qmm_kernel), sep="\n")
+    del qa, qb, ref
+
+    for name, ka, kb in (("tensorwise", None, None), ("blockwise 1x128 x 128x128", (1, 128), (128, 128))):
+        fa, fb = fourbit.quantize(a, "fp8", block=ka), fourbit.quantize(b, "fp8", block=kb)
+        if fp8_mm(fa, fb) is None:
+            rows.append((f"FP8 {name}: unsupported here", float("nan"), float("nan"), float("nan")))
+            continue
+        ms = median_ms(lambda: fp8_mm(fa, fb))
+        rows.append((f"FP8 scaled_mm {name} 8192^3", ms, flop / ms / 1e9, bf16_ms / ms))
+    del a, b
+
+    N, K = 28672, 8192
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+    qw = fourbit.quantize(w, "nvfp4")
+    for B in (1, 16):
+        x = torch.randn(B, K, device="cuda", dtype=torch.bfloat16)
+        lin_ms = median_ms(lambda: F.linear(x, w))
+        gb = (N * K * 2) / lin_ms / 1e6
+        rows.append((f"cuBLAS BF16 F.linear {B}x{K} . {N}x{K} ({gb:.0f} GB/s of weights)", lin_ms, 2 * B * N * K / lin_ms / 1e9, 1.0))
+        ref = F.linear(x.float(), qw.dequantize()).float()
+        for cfg in g.GEMV_CONFIGS:
+            y = g.linear_w4a16(x, qw, config=cfg)
+            rel = float((y.float() - ref).norm() / ref.norm())
+            ms = median_ms(lambda: g.linear_w4a16(x, qw, config=cfg))
+            gbq = (N * K // 2 + N * K // 16) / ms / 1e6
+            rows.append((f"W4A16 B={B} {cfg} ({gbq:.0f} GB/s, rel err {rel:.1e})", ms, 2 * B * N * K / ms / 1e9, lin_ms / ms))
+    print("w4a16 kernel:", *kernel_facts(g._w4a16_kernel), sep="\n")
+
+    print("\n| what | ms | TFLOP/s | speed-up vs BF16 |")
+    print("|---|---|---|---|")
+    for name, ms, tf, ratio in rows:
+        print(f"| {name} | {ms:.4f} | {tf:.1f} | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
