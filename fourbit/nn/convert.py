@@ -63,7 +63,7 @@ class LayerReport:
     name: str
     in_features: int
     out_features: int
-    became: str  # "QuantLinear" or "nn.Linear" (kept in high precision)
+    became: str  # "QuantLinear" (or "QATLinear" from qat), or "nn.Linear": kept in high precision
     reason: str  # why it was kept, or the recipe it runs
 
 
@@ -76,11 +76,11 @@ class ConversionReport:
 
     @property
     def quantized(self) -> tuple[str, ...]:
-        return tuple(r.name for r in self.layers if r.became == QUANTIZED)
+        return tuple(r.name for r in self.layers if r.became != KEPT)
 
     @property
     def kept(self) -> tuple[str, ...]:
-        return tuple(r.name for r in self.layers if r.became != QUANTIZED)
+        return tuple(r.name for r in self.layers if r.became == KEPT)
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -181,7 +181,7 @@ def convert(
         else:
             reason = None
             try:
-                check_features(recipe, m.in_features, m.out_features, name)
+                check_features(recipe, m.in_features, m.out_features, f"module {name!r}")
             except ValueError as e:
                 if on_mismatch == "raise":
                     raise ValueError(f"convert: {e} (pass on_mismatch='skip' to keep it in high precision)") from None
@@ -194,8 +194,18 @@ def convert(
             _set_child(model, name, QuantLinear.from_linear(m, recipe, layer_id=layer_id))
             rows.append(LayerReport(name, m.in_features, m.out_features, QUANTIZED, recipe.name))
         else:
+            if type(m) is not nn.Linear:  # converted before: back to a plain nn.Linear, same Parameters
+                _set_child(model, name, as_plain_linear(m))
             rows.append(LayerReport(name, m.in_features, m.out_features, KEPT, reason))
     return ConversionReport(recipe.name, tuple(rows))
+
+
+def as_plain_linear(m: nn.Linear) -> nn.Linear:
+    """An ``nn.Linear`` sharing ``m``'s Parameters (undoes QuantLinear / QATLinear)."""
+    plain = nn.Linear(m.in_features, m.out_features, m.bias is not None, device="meta")
+    plain.weight, plain.bias = m.weight, m.bias
+    plain.train(m.training)
+    return plain
 
 
 def quant_linears(model: nn.Module) -> list[tuple[str, QuantLinear]]:
@@ -210,7 +220,7 @@ def set_recipe(model: nn.Module, recipe: Recipe | str) -> int:
     recipe = get_recipe(recipe)
     layers = quant_linears(model)
     for name, m in layers:
-        check_features(recipe, m.in_features, m.out_features, name)
+        check_features(recipe, m.in_features, m.out_features, f"module {name!r}")
     for _, m in layers:
         m.recipe = recipe
     return len(layers)

@@ -93,7 +93,7 @@ def qat(
             reason = "skip() returned True"
         if reason is None:
             try:
-                _check_qat_features(config, m.in_features, m.out_features, name)
+                _check_qat_features(config, m.in_features, m.out_features, f"module {name!r}")
             except ValueError as e:
                 if on_mismatch == "raise":
                     raise ValueError(f"qat: {e} (pass on_mismatch='skip' to leave it unquantized)") from None
