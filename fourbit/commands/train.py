@@ -1,0 +1,53 @@
+"""``fourbit train``: train the harness GPT on Shakespeare under one recipe (resumable, Ctrl-C safe)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``compare`` (None: take the preset's value)."""
+    p.add_argument("--preset", default="tiny", help="model and budget: tiny (CPU, minutes), small (CPU, ~30 min "
+                   "per recipe), gpu (~100M params, one H100)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the preset's)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
+    p.add_argument("--tokenizer", default=None, help="gpt2, gpt2-4k or bytes (default: the preset's)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU runs)")
+    p.add_argument("--data-dir", default=None, help="token cache and PyPI archives (default ~/.cache/fourbit)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    return {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "tokenizer": args.tokenizer,
+            "device": args.device, "compile": args.compile or None, "data_dir": args.data_dir}  # fmt: skip
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the harness GPT on Shakespeare under one recipe")
+    p.add_argument("--recipe", default="bf16", help="bf16, fp8, fp8-blockwise, mxfp4, nvfp4, nvfp4-no-sr, ...")
+    p.add_argument("--seed", type=int, default=0, help="init, data order and stochastic-rounding seed")
+    p.add_argument("--out", default=None, help="run directory (default runs/<recipe>-<preset>-seed<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    add_training_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from ..harness.train import train, train_config
+
+    cfg = train_config(args.preset, recipe=args.recipe, seed=args.seed, **overrides(args))
+    out = args.out or f"runs/{args.recipe}-{args.preset}-seed{args.seed}"
+    try:
+        train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt as e:
+        print(f"\nfourbit train: {e or 'interrupted'}; resume with --resume --out {out}", file=sys.stderr)
+        return 130
+    from ..harness.train import read_metrics
+
+    last = [m for m in read_metrics(out) if m.get("val_loss") is not None][-1]
+    print(f"{args.recipe}: step {last['step']}, val loss {last['val_loss']:.4f}; metrics in {out}/metrics.jsonl")
+    return 0

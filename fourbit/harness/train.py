@@ -1,0 +1,391 @@
+"""Train the harness GPT on Shakespeare under one recipe, top to bottom (nanoGPT's ``train.py`` shape).
+
+    data     = load_tokens(...)                               # cached dense GPT-2 ids, fixed val split
+    model    = build_model(GPTConfig, recipe)                 # GPT, then fourbit.nn.convert unless bf16
+    for step in range(start, steps):
+        set_progress(model, step / steps)                     # the late-BF16 switch reads this
+        loss, gnorm = train_step(model, opt, *sampler.batch(step), lr_at(step))
+        every log_every:  one line of metrics.jsonl (train loss averaged over the interval)
+        every eval_every: val loss on a fixed set of held-out windows
+        every ckpt_every, at the end and on Ctrl-C: ckpt.pt
+
+Bit-exact resume: a batch is a pure function of ``(seed, step)`` and the LR of ``step``, so a checkpoint
+holds the model, the optimizer, the step, the partial train-loss sum of the current log interval, torch's
+RNG states and the stochastic-rounding counters (``fourbit.nn.rng_state``); ``metrics.jsonl`` is cut back
+to the checkpoint's step on resume, so an interrupted-and-resumed run writes the same losses as an
+uninterrupted one (timings aside).
+
+Precision: on CUDA every forward runs under ``torch.autocast(bfloat16)``, so the ``bf16`` recipe is the
+usual BF16 mixed-precision baseline. On the CPU the baseline computes in FP32 (CPU BF16 matmuls are slow
+and the quantized recipes' reference path computes in FP32 anyway); it is then a slightly higher-precision
+baseline, which only makes the gaps to it conservative.
+
+The step stays GPU-friendly: losses and grad-norms are accumulated as device tensors and read back
+(``.item()``) only at log intervals. Multi-GPU later: ``BatchSampler(rank=, world_size=)`` shards the global
+batch, ``build_model`` and ``train_step`` are separate functions to wrap with DDP/FSDP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .data import BatchSampler, load_tokens, val_windows
+from .model import GPT, GPTConfig, get_preset
+
+__all__ = ["TrainConfig", "TRAIN_PRESETS", "train_config", "resolve_recipe", "build_model", "train_step",
+           "evaluate", "lr_at", "train", "read_metrics"]  # fmt: skip
+
+METRICS = "metrics.jsonl"
+CHECKPOINT = "ckpt.pt"
+RUN_META = "run.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    recipe: str = "bf16"
+    preset: str = "tiny"
+    steps: int = 200
+    batch_size: int = 8
+    lr: float = 3e-3
+    min_lr_frac: float = 0.1  # cosine decay to lr * min_lr_frac
+    warmup: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 40
+    eval_tokens: int = 8192  # held-out target tokens per evaluation (fixed windows)
+    ckpt_every: int = 50
+    seed: int = 0  # model init, data order and the stochastic-rounding seed
+    tokenizer: str = "gpt2-4k"
+    device: str = "auto"
+    compile: bool = False
+    data_dir: str | None = None
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_every", "eval_every", "eval_tokens", "ckpt_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
+        if self.seed < 0:
+            raise ValueError(f"TrainConfig.seed must be >= 0, got {self.seed}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
+
+
+# What changes with the preset besides the model (fourbit.harness.model.PRESETS).
+TRAIN_PRESETS: dict[str, dict] = {
+    # 200 steps x 1,024 tokens = 0.2M tokens (0.12 epoch): a first look, not a converged model
+    "tiny": dict(steps=200, batch_size=8, lr=3e-3, warmup=20, log_every=10, eval_every=40, eval_tokens=8192,
+                 ckpt_every=50, tokenizer="gpt2-4k"),  # fmt: skip
+    # 600 steps x 2,048 tokens = 1.2M tokens (0.7 epoch)
+    "small": dict(steps=600, batch_size=8, lr=2e-3, warmup=40, log_every=10, eval_every=50, eval_tokens=32768,
+                  ckpt_every=100, tokenizer="gpt2-4k"),  # fmt: skip
+    # 600 steps x 16,384 tokens = 9.8M tokens (7 epochs of this 1.4M-token corpus: a 100M model will start
+    # to overfit late in the run; the recipes stay paired, so their gaps remain comparable)
+    "gpu": dict(steps=600, batch_size=32, lr=1e-3, warmup=60, log_every=10, eval_every=50, eval_tokens=131072,
+                ckpt_every=200, tokenizer="gpt2"),  # fmt: skip
+}
+
+
+def train_config(preset: str = "tiny", **overrides) -> TrainConfig:
+    """The preset's training settings with ``overrides`` (``None`` values are ignored)."""
+    if preset not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(TRAIN_PRESETS)}")
+    kw = dict(TRAIN_PRESETS[preset], preset=preset)
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**kw)
+
+
+def resolve_recipe(name: str, seed: int = 0):
+    """``fourbit.recipes.get_recipe(name)`` with its stochastic-rounding seed set to the run's ``seed``;
+    ``None`` for ``bf16`` (no conversion at all). Unknown names raise ``ValueError``."""
+    try:
+        from ..recipes import get_recipe
+    except ModuleNotFoundError as e:
+        if name == "bf16":
+            return None
+        raise ValueError(f"recipe {name!r} needs fourbit.recipes, which is not importable ({e})") from e
+    recipe = get_recipe(name)
+    if not recipe.quantized and recipe.switch_to_bf16_at is None:
+        return None
+    return replace(recipe, seed=seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def build_model(cfg: GPTConfig, recipe, device: torch.device, seed: int = 0) -> GPT:
+    """A freshly initialised GPT (init drawn from ``seed``), converted to ``recipe`` (None: left as is)."""
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    if recipe is not None:
+        from .. import nn as fnn
+
+        fnn.convert(model, recipe)
+    return model.to(device)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (linears, the tied embedding), none on anything 1-D."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to ``lr * min_lr_frac`` at ``steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def train_step(model, opt, x, y, lr: float, grad_clip: float, device: torch.device):
+    """One optimizer step on batch ``(x, y)``; returns the loss and the pre-clip grad-norm as device tensors."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with _autocast(device):
+        _, loss = model(x, y)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach(), gnorm.detach()
+
+
+@torch.no_grad()
+def evaluate(model, xv: torch.Tensor, yv: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    """Mean cross-entropy (nats/token) over the fixed validation windows."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    for i in range(0, xv.size(0), batch_size):
+        x, y = xv[i : i + batch_size].to(device), yv[i : i + batch_size].to(device)
+        with _autocast(device):
+            _, loss = model(x, y)
+        total += loss.double() * x.size(0)
+    model.train(was_training)
+    return float(total / xv.size(0))
+
+
+def _writable_dir(out: Path) -> Path:
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"output directory {str(out)!r} is not writable ({e.strerror or e})") from e
+    return out
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a Ctrl-C or crash mid-write never leaves a torn checkpoint
+
+
+def _fnn():
+    try:
+        from .. import nn as fnn
+    except ModuleNotFoundError:
+        return None
+    return fnn
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _comparable(cfg: TrainConfig) -> dict:
+    """Config fields that must match for a resume (device, compile and data_dir do not change the math
+    of a step on the same machine)."""
+    d = asdict(cfg)
+    for k in ("device", "compile", "data_dir"):
+        d.pop(k)
+    return d
+
+
+class _StopOnSigint:
+    """The first Ctrl-C sets a flag the loop checks between steps (so the checkpoint is of a whole step);
+    a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    position: int | None = None,
+    callback: Callable[[int], None] | None = None,
+) -> Path:
+    """Train under ``cfg`` into ``out`` (``metrics.jsonl``, ``ckpt.pt``, ``run.json``); returns ``out``.
+
+    ``resume=True`` continues from ``out/ckpt.pt`` when it exists (a finished run returns at once).
+    ``progress`` shows a tqdm bar (at terminal row ``position`` when several runs share a terminal).
+    ``callback(step)`` runs after each completed step (tests use it to simulate Ctrl-C).
+    Raises ``KeyboardInterrupt`` after saving a checkpoint when interrupted.
+    """
+    # -- validate everything before any work --------------------------------------------------------------
+    get_preset(cfg.preset)
+    recipe = resolve_recipe(cfg.recipe, cfg.seed)
+    device = resolve_device(cfg.device)
+    out = _writable_dir(Path(out))
+    data = load_tokens(cfg.tokenizer, cfg.data_dir)
+    model_cfg = get_preset(cfg.preset, vocab_size=data.vocab_size)
+    T, B = model_cfg.block_size, cfg.batch_size
+
+    # -- model, optimizer, data -----------------------------------------------------------------------------
+    raw_model = build_model(model_cfg, recipe, device, seed=cfg.seed)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    opt = make_optimizer(raw_model, cfg, device)
+    sampler = BatchSampler(data.train, B, T, seed=cfg.seed)
+    xv, yv = val_windows(data.val, T, cfg.eval_tokens)
+    fnn = _fnn() if recipe is not None else None
+    tokens_per_step = B * T
+    meta = {"config": asdict(cfg), "model": model_cfg.to_dict(), "recipe": recipe.to_dict() if recipe else None,
+            "params": raw_model.num_params(non_embedding=False), "params_non_embedding": raw_model.num_params(),
+            "tokens_per_step": tokens_per_step, "train_tokens": data.train.numel(), "val_tokens": data.val.numel(),
+            "val_works": list(data.val_works), "device": str(device), "torch": torch.__version__}  # fmt: skip
+
+    # -- resume -------------------------------------------------------------------------------------------
+    start, loss_sum, n_in_interval = 0, torch.zeros((), device=device), 0
+    ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
+    if resume and ckpt_path.exists():
+        old = json.loads((out / RUN_META).read_text())["config"]
+        diff = {k: (old.get(k), v) for k, v in _comparable(cfg).items() if old.get(k) != v}
+        if diff:
+            raise ValueError(f"cannot resume {str(out)!r} with a different config: {diff}")
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        raw_model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start, n_in_interval = int(ck["step"]), int(ck["n_in_interval"])
+        loss_sum = ck["loss_sum"].to(device)
+        torch.set_rng_state(ck["torch_rng"])
+        if device.type == "cuda" and ck.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ck["cuda_rng"], device)
+        if fnn is not None and ck.get("fourbit_rng") is not None:
+            fnn.load_rng_state(raw_model, ck["fourbit_rng"])
+        kept = [m for m in read_metrics(out) if m["step"] <= start]
+        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        if start >= cfg.steps:
+            return out
+    else:
+        (out / RUN_META).write_text(json.dumps(meta, indent=1) + "\n")
+        metrics_path.write_text("")
+        ckpt_path.unlink(missing_ok=True)
+
+    def save(step: int) -> None:
+        _atomic_save({
+            "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            "loss_sum": loss_sum.detach().cpu(), "n_in_interval": n_in_interval,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "fourbit_rng": fnn.rng_state(raw_model) if fnn is not None else None,
+        }, ckpt_path)  # fmt: skip
+
+    def log(record: dict) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    if start == 0:
+        val = evaluate(model, xv, yv, 4 * B, device)
+        log({"step": 0, "tokens": 0, "train_loss": None, "val_loss": val, "lr": 0.0, "grad_norm": None,
+             "tokens_per_s": None, "elapsed_s": 0.0})  # fmt: skip
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.recipe} seed {cfg.seed}", unit="step",
+                   dynamic_ncols=True, leave=True, position=position)  # fmt: skip
+    t_interval, t_run = time.perf_counter(), time.perf_counter()
+    steps_in_timing, gnorm = 0, None
+    raw_model.train()
+    try:
+        with _StopOnSigint() as stop:
+            for step in range(start, cfg.steps):
+                if fnn is not None:
+                    fnn.set_progress(raw_model, step / cfg.steps)
+                x, y = sampler.batch(step)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                loss, gnorm = train_step(model, opt, x, y, lr_at(step, cfg), cfg.grad_clip, device)
+                loss_sum += loss
+                n_in_interval += 1
+                steps_in_timing += 1
+                done = step + 1
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    train_loss = float(loss_sum) / n_in_interval  # the one host sync per interval
+                    now = time.perf_counter()
+                    rate = steps_in_timing * tokens_per_step / max(now - t_interval, 1e-9)  # excludes eval
+                    val = evaluate(model, xv, yv, 4 * B, device) if done % cfg.eval_every == 0 or done == cfg.steps else None
+                    log({"step": done, "tokens": done * tokens_per_step, "train_loss": train_loss, "val_loss": val,
+                         "lr": lr_at(step, cfg), "grad_norm": float(gnorm), "tokens_per_s": rate,
+                         "elapsed_s": now - t_run})  # fmt: skip
+                    loss_sum, n_in_interval, steps_in_timing = torch.zeros((), device=device), 0, 0
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{train_loss:.3f}", **({"val": f"{val:.3f}"} if val is not None else {}))
+                if bar is not None:
+                    bar.update(1)
+                if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                    save(done)
+                if steps_in_timing == 0:
+                    t_interval = time.perf_counter()  # the next interval's clock starts after eval and save
+                if callback is not None:
+                    callback(done)
+                if stop.requested:
+                    save(done)
+                    raise KeyboardInterrupt(f"interrupted after step {done}; checkpoint saved in {out}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
