@@ -78,8 +78,11 @@ def run(args: argparse.Namespace) -> int:
         if args.activations:
             rows.append((scheme, scheme, True))
 
-    results = []
-    for label, scheme, act in rows:
+    header = f"{'scheme':<14}{'quantized':<11}{'perplexity':>11}{'vs bf16':>10}{'size MB':>10}{'time s':>8}"
+    print(header)
+    print("-" * len(header), flush=True)
+    ref = None
+    for label, scheme, act in rows:  # one row printed as soon as it is measured
         t = time.time()
         model = base if scheme is None else ptq(
             copy.deepcopy(base), scheme, activations=act, calibration=calib,
@@ -87,24 +90,15 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         mode = "-" if scheme is None else ("W+A" if act else "W")
         ppl = perplexity(model, scored, args.seq_len, progress=True, desc=f"{label} {mode}")
+        ref = ppl if ref is None else ref
         size = model_nbytes(model)
-        exported = None
+        print(f"{label:<14}{mode:<11}{ppl:>11.3f}{100 * (ppl / ref - 1):>+9.1f}%{size / 1e6:>10.1f}"
+              f"{time.time() - t:>8.0f}", flush=True)  # fmt: skip
         if args.export and scheme == "nvfp4" and not args.rht:
             out = Path(args.export) / ("nvfp4-w4a4" if act else "nvfp4-w4a16")
             export(model, out, args.layout)
             tok.save_pretrained(str(out))
-            exported = (out, _dir_bytes(out))
-        results.append((label, mode, ppl, size, time.time() - t, exported))
+            print(f"  exported to {out} ({args.layout}): {_dir_bytes(out) / 1e6:.1f} MB on disk", flush=True)
         if model is not base:
             del model
-
-    ref = results[0][2]
-    header = f"{'scheme':<14}{'quantized':<11}{'perplexity':>11}{'vs bf16':>10}{'size MB':>10}{'time s':>8}"
-    print(header)
-    print("-" * len(header))
-    for label, mode, ppl, size, secs, _ in results:
-        print(f"{label:<14}{mode:<11}{ppl:>11.3f}{100 * (ppl / ref - 1):>+9.1f}%{size / 1e6:>10.1f}{secs:>8.0f}")
-    for label, mode, _, _, _, exported in results:
-        if exported:
-            print(f"exported {label} {mode} ({args.layout}) to {exported[0]}: {exported[1] / 1e6:.1f} MB on disk")
     return 0
