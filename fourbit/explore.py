@@ -110,6 +110,8 @@ def explore(
         cdf = torch.arange(1, e.numel() + 1) / e.numel()
         ax.plot(e.numpy(), cdf.numpy(), color=COLORS[s], label=f"{s}: median {float(e.median()):.3f}")
     ax.set_xscale("log")
+    low = min(float(torch.quantile(e[:100_000].clamp_min(1e-8), 0.001)) for e in summary["block_errors"].values())
+    ax.set_xlim(left=low / 2)  # exact (zero-error) blocks are drawn at 1e-8; do not let them set the scale
     ax.set_xlabel(f"relative L2 error per block of {ERROR_BLOCK} elements")
     ax.set_ylabel("fraction of blocks")
     ax.set_title(f"Block error, {what} ({n / 1e6:.2f}M values)")
