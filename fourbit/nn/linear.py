@@ -203,6 +203,9 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 @torch.compiler.disable
 def _quant_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     """Runs eagerly under torch.compile: quantization is data-dependent and the step counter is Python state."""
+    step = module.step
+    if module.training and torch.is_grad_enabled():
+        module.step += 1  # one step per training forward, whatever the recipe: the SR stream advances
     recipe = module.recipe.at(module.progress)
     if not recipe.quantized:
         return F.linear(x, module.weight, module.bias)
@@ -210,9 +213,6 @@ def _quant_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"QuantLinear: input's last dim is {x.shape[-1]}, expected in_features={module.in_features}"
         )
-    step = module.step
-    if module.training and torch.is_grad_enabled():
-        module.step += 1  # one step per training forward: the SR stream advances
     device_type = x.device.type
     cast = _autocast_dtype(device_type)
     out_dtype = cast or x.dtype
