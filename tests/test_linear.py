@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 
 import pytest
 import torch
@@ -266,6 +267,13 @@ def test_odd_token_counts(name, M):
     assert layer.weight.grad.abs().sum() > 0
 
 
+def test_no_tokens():
+    layer = QuantLinear(32, 16, recipe="nvfp4")
+    x = torch.randn(0, 32, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad.shape == (0, 32) and torch.equal(layer.weight.grad, torch.zeros(16, 32))
+
+
 def test_seed_mix_distinct_and_fixed():
     seeds = {derive_seed(0, layer, step, role) for layer in range(8) for step in range(64) for role in Role}
     assert len(seeds) == 8 * 64 * len(Role)
@@ -312,12 +320,15 @@ def test_step_counter_and_resume_continue_the_random_stream():
         load_rng_state(resumed, {"0": state["0"], "1": {"layer_id": 7, "step": 1}})
 
 
-def test_torch_compile_matches_eager():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_matches_eager(backend):
     """The quantized region runs eagerly inside the compiled graph (torch.compiler.disable); losses agree."""
+    if backend == "inductor" and shutil.which("g++") is None and shutil.which("clang++") is None:
+        pytest.skip("inductor on CPU needs a C++ compiler")
     torch.manual_seed(0)
     model = torch.nn.Sequential(QuantLinear(64, 64, recipe="nvfp4"), torch.nn.GELU(), QuantLinear(64, 32, recipe="nvfp4"))
     twin = copy.deepcopy(model)
-    compiled = torch.compile(twin, backend="aot_eager")
+    compiled = torch.compile(twin, backend=backend)
     x = torch.randn(16, 64)
     for _ in range(2):
         loss_e = model(x).pow(2).mean()

@@ -27,6 +27,9 @@ nothing (``bf16``) is exactly ``F.linear``.
 Stochastic rounding is seeded per (recipe seed, layer id, step, role) by ``derive_seed``: ``step`` counts
 this layer's training forwards (``module.training`` and grad enabled) and is saved and restored with
 ``fourbit.nn.rng_state`` / ``load_rng_state``, so a resumed run continues the same random stream.
+Every forward with grad enabled in training mode counts: micro-batches of gradient accumulation get
+distinct seeds, and activation checkpointing's recomputed forward advances the counter once more
+(still deterministic, but the backward then uses the recomputation's seeds).
 """
 
 from __future__ import annotations
@@ -207,7 +210,7 @@ def _quant_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     if module.training and torch.is_grad_enabled():
         module.step += 1  # one step per training forward, whatever the recipe: the SR stream advances
     recipe = module.recipe.at(module.progress)
-    if not recipe.quantized:
+    if not recipe.quantized or x.numel() == 0:  # no tokens: nothing to quantize, every grad is exactly 0
         return F.linear(x, module.weight, module.bias)
     if x.shape[-1] != module.in_features:
         raise ValueError(
