@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -80,21 +79,15 @@ def derive_seed(seed: int, layer_id: int, step: int, role: Role | int) -> int:
     return h >> 1  # 63 bits: a non-negative int64 for kernels
 
 
-def quantize_operand(
-    t: torch.Tensor, op: OperandQuant, *, seed: int | None = None, rht_seed: int | None = None
-) -> QuantizedTensor | torch.Tensor:
+def quantize_operand(t: torch.Tensor, op: OperandQuant, *, seed: int | None = None) -> QuantizedTensor | torch.Tensor:
     """Quantize a GEMM operand (rows, reduction) along its last dim per ``op``; unquantized if no scheme.
 
-    ``op.rht`` applies the RHT along the last dim first (``rht_seed`` required). The caller pads the
-    reduction dim where it may not divide (the wgrad token dim); other dims are zero-padded by ``quantize``
-    only for 2D blocks (rows). Non-finite inputs propagate as NaN instead of raising, as in ``nn.Linear``.
+    ``op.rht`` is not applied here: ``wgrad_inputs`` transforms both wgrad operands together. The caller
+    pads the reduction dim where it may not divide (the wgrad token dim); ``quantize`` zero-pads rows for
+    2D blocks. Non-finite inputs propagate as NaN instead of raising, as they would through ``nn.Linear``.
     """
     if op.scheme is None:
         return t
-    if op.rht:
-        if rht_seed is None:
-            raise ValueError("quantize_operand: op.rht needs rht_seed")
-        t = rht(t, -1, transform=RHT(RHT_SIZE, rht_seed))
     stochastic = op.rounding is Rounding.STOCHASTIC
     if stochastic and seed is None:
         raise ValueError("quantize_operand: stochastic rounding needs a seed")
@@ -159,7 +152,8 @@ class _QuantLinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, layer_id: int, step: int):
         # x (M, K), weight (N, K) -> y float32 (M, N)
         qx = quantize_operand(x, recipe.fprop.a, seed=derive_seed(recipe.seed, layer_id, step, Role.FPROP_X))
-        qw, qw_t = quantize_weight(weight, recipe, layer_id=layer_id, step=step, dgrad=_shares_weight(recipe))
+        share = _shares_weight(recipe) and ctx.needs_input_grad[0]
+        qw, qw_t = quantize_weight(weight, recipe, layer_id=layer_id, step=step, dgrad=share)
         y = qmm(qx, qw, accumulation=recipe.accumulation)  # (M, N)
         ctx.save_for_backward(x, weight)
         ctx.qw_t = qw_t  # dgrad's W^T when shared with fprop, else quantized in backward
@@ -185,16 +179,11 @@ class _QuantLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # Wgrad: dW (N, K) = dy^T (N, M') @ x (M', K), reduction over tokens
             a, b = wgrad_inputs(dy, x, recipe)  # transposed, padded, RHT'd
-            qa = quantize_operand(a, _without_rht(recipe.wgrad.a), seed=seed(Role.WGRAD_DY))
-            qb = quantize_operand(b, _without_rht(recipe.wgrad.b), seed=seed(Role.WGRAD_X))
+            qa = quantize_operand(a, recipe.wgrad.a, seed=seed(Role.WGRAD_DY))
+            qb = quantize_operand(b, recipe.wgrad.b, seed=seed(Role.WGRAD_X))
             dw = qmm(qa, qb, accumulation=recipe.accumulation).to(weight.dtype)
         ctx.qw_t = None
         return dx, dw, None, None, None
-
-
-def _without_rht(op: OperandQuant) -> OperandQuant:
-    """``op`` for an operand that ``wgrad_inputs`` has already transformed."""
-    return replace(op, rht=False)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
