@@ -9,8 +9,8 @@ tensor cores consume them (every scale block lies inside one K slice):
 
 Reference: dequantize both to float32 and multiply with float32 accumulation (``torch.matmul``), or under
 a limited-precision ``Accumulation`` model when one is given. A fast path (``fourbit.kernels.qmm``) is
-tried first where it exists (both operands quantized, float32 accumulation); it returns None for cases it
-does not cover.
+tried first where it exists (both operands quantized on a CUDA device, float32 accumulation); it returns
+None for cases it does not cover.
 
 ``transpose(q)`` gives the quantized ``W^T`` of a weight quantized with square 2D blocks (or one scale per
 tensor) without quantizing again: the blocks of ``W^T`` are those of ``W`` transposed, so the codes and
@@ -58,7 +58,8 @@ def qmm(a: QuantizedTensor | torch.Tensor, b: QuantizedTensor | torch.Tensor, *,
         raise ValueError(f"qmm: reduction dims differ, a {tuple(a.shape)} vs b {tuple(b.shape)} (both (rows, K))")
 
     # ---- fast-path dispatch: a GPU kernel, if fourbit.kernels provides one for this case --------------
-    if accumulation is None and isinstance(a, QuantizedTensor) and isinstance(b, QuantizedTensor):
+    quantized = isinstance(a, QuantizedTensor) and isinstance(b, QuantizedTensor)
+    if accumulation is None and quantized and a.data.is_cuda and b.data.is_cuda:
         from . import kernels
 
         fast = getattr(kernels, "qmm", None)
