@@ -231,10 +231,15 @@ class TokenData:
         return int(self.vocab.numel())
 
     def decode(self, dense_ids, tokenizer=None) -> str:
-        """Text of a sequence of dense ids (``tokenizer`` defaults to a fresh one of ``self.tokenizer``)."""
+        """Text of a sequence of dense ids, end-of-text shown as ``<|endoftext|>`` whatever the tokenizer
+        (``tokenizer`` defaults to a fresh one of ``self.tokenizer``)."""
         tok = tokenizer if tokenizer is not None else get_tokenizer(self.tokenizer, self.data_dir)
-        ids = torch.as_tensor(dense_ids).reshape(-1)
-        return tok.decode(self.vocab[ids].tolist())
+        ids = torch.as_tensor(dense_ids).reshape(-1).tolist()
+        pieces, start = [], 0
+        for i in [i for i, t in enumerate(ids) if t == self.eot] + [len(ids)]:  # split at end-of-text
+            pieces.append(tok.decode(self.vocab[ids[start:i]].tolist()))
+            start = i + 1
+        return "<|endoftext|>".join(pieces)
 
 
 def _build(tokenizer, docs: list[tuple[str, str]], data_dir: Path) -> TokenData:

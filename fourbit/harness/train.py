@@ -43,7 +43,7 @@ import torch
 from .data import BatchSampler, load_tokens, val_windows
 from .model import GPT, GPTConfig, get_preset
 
-__all__ = ["TrainConfig", "TRAIN_PRESETS", "train_config", "resolve_recipe", "build_model", "train_step",
+__all__ = ["TrainConfig", "TRAIN_PRESETS", "train_config", "resolve_recipe", "build_model", "make_optimizer", "train_step",
            "evaluate", "lr_at", "train", "read_metrics"]  # fmt: skip
 
 METRICS = "metrics.jsonl"
@@ -79,6 +79,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
+        if self.eval_every % self.log_every:
+            raise ValueError(f"eval_every={self.eval_every} must be a multiple of log_every={self.log_every}")
         if self.seed < 0:
             raise ValueError(f"TrainConfig.seed must be >= 0, got {self.seed}")
         if not self.lr > 0:
