@@ -29,6 +29,12 @@ ABLATIONS = ("nvfp4-no-sr", "nvfp4-no-rht", "nvfp4-no-2d", "nvfp4-none", "nvfp4+
 BASELINE = "bf16"
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def run_dir(out: Path, recipe: str, seed: int) -> Path:
     return Path(out) / recipe / f"seed{seed}"
 
@@ -56,7 +62,7 @@ def compare(
     """Train every (recipe, seed) (``seeds`` = 0..seeds-1), then write the plot and tables; returns the
     summary dict. ``overrides`` are ``TrainConfig`` fields (``steps``, ``device``, ...; None is ignored).
     ``jobs > 1`` trains that many runs at once in worker processes with ``cpus // jobs`` threads each
-    (small GEMMs use one core better than two); ``jobs=0`` picks one job per core."""
+    (small GEMMs use one core better than two); ``jobs=0`` picks one job per core, or 1 on CUDA."""
     if not recipes:
         raise ValueError("no recipes to compare")
     if seeds < 1:
@@ -76,7 +82,9 @@ def compare(
         recipes = [BASELINE] + recipes  # every gap needs the baseline
     runs = [(r, s) for s in range(seeds) for r in recipes]
     cfgs = [(TrainConfig(**{**base.__dict__, "recipe": r, "seed": s}), str(run_dir(out, r, s))) for r, s in runs]
-    jobs = jobs or min(len(cfgs), os.cpu_count() or 1)
+    if jobs == 0:  # CPU: one single-threaded run per core; CUDA: one run at a time owns the GPU
+        on_gpu = base.device.startswith("cuda") or (base.device == "auto" and _cuda_available())
+        jobs = 1 if on_gpu else min(len(cfgs), os.cpu_count() or 1)
     if jobs == 1:
         for cfg, path in cfgs:
             train(cfg, path, resume=True, progress=progress)
