@@ -36,14 +36,20 @@ def quantize_fp8(
     config: FP8Config,
     rounding: Rounding = Rounding.NEAREST,
     random_bits: torch.Tensor | None = None,
+    amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 (R, C) -> (codes uint8 (R, C), decode scales float32: () per tensor or (R/br, C/bc))."""
+    """float32 (R, C) -> (codes uint8 (R, C), decode scales float32: () per tensor or (R/br, C/bc)).
+
+    ``amax`` (per tensor only) replaces the measured one."""
     x = x.float()
     R, C = x.shape
     block = config.block or (R, C)
     xb = _blocks(x, block) if x.numel() else x.reshape(1, R, 1, C)
     bits = None if random_bits is None else random_bits.reshape(xb.shape)
-    amax_b = xb.abs().amax(dim=(1, 3), keepdim=True) if x.numel() else torch.zeros(1, 1, 1, 1)
+    if amax is not None:
+        amax_b = amax.float().reshape(1, 1, 1, 1)
+    else:
+        amax_b = xb.abs().amax(dim=(1, 3), keepdim=True) if x.numel() else torch.zeros(1, 1, 1, 1)
     s_enc = _encode_scale(amax_b, config)
     scaled = torch.nan_to_num(xb * s_enc, nan=0.0)
     codes = config.elem.encode(scaled, rounding, random_bits=bits)

@@ -25,7 +25,7 @@ from .fp8 import dequantize_fp8, quantize_fp8
 from .mx import dequantize_mx, quantize_mx
 from .nvfp4 import dequantize_nvfp4, quantize_nvfp4
 from .packing import pack_fp4, unpack_fp4
-from .rounding import Rounding, random_bits
+from .rounding import ElementIndex, Rounding, random_bits
 from .schemes import FP8Config, MXConfig, NVFP4Config, SchemeConfig, resolve_scheme
 
 __all__ = ["QuantizedTensor", "quantize", "BACKENDS"]
@@ -150,6 +150,7 @@ def quantize(
     four_over_six: bool | None = None,
     pow2_scale: bool | None = None,
     amax: torch.Tensor | float | None = None,
+    sr_index: ElementIndex | None = None,
     pad: bool = False,
     check_finite: bool = True,
     backend: str = "auto",
@@ -157,8 +158,10 @@ def quantize(
     """Quantize ``x`` under a scheme (``"nvfp4"``, ``"mxfp4"``, ``"mxfp6"``, ``"mxfp8"``, ``"fp8"``, or a config).
 
     ``rounding="stochastic"`` rounds elements stochastically with the counter-based generator keyed by
-    ``seed`` (drawn from torch's default generator if None). ``amax`` (NVFP4 only) replaces the measured
-    tensor amax, e.g. with a calibrated one. ``backend`` is ``"auto"``, ``"reference"`` or ``"triton"``.
+    ``seed`` (drawn from torch's default generator if None) and the element's index, ``r * C + c`` unless
+    ``sr_index`` places the tensor inside a larger one. ``amax`` replaces the measured tensor amax of the
+    schemes with a per-tensor scale (NVFP4, per-tensor FP8), e.g. with a calibrated or all-reduced one.
+    ``backend`` is ``"auto"``, ``"reference"`` or ``"triton"``.
     """
     config = resolve_scheme(
         scheme, block=block, fmt=fmt, scale_mode=scale_mode, four_over_six=four_over_six, pow2_scale=pow2_scale
@@ -166,14 +169,15 @@ def quantize(
     rounding = Rounding.parse(rounding)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    if amax is not None and not isinstance(config, NVFP4Config):
-        raise ValueError(f"amax= applies to nvfp4 only, not {config.name}")
+    per_tensor = isinstance(config, NVFP4Config) or (isinstance(config, FP8Config) and config.block is None)
+    if amax is not None and not per_tensor:
+        raise ValueError(f"amax= applies to schemes with a per-tensor scale (nvfp4, fp8), not {config.name}")
     _check_input(x, check_finite)
     padding = _padding(x.shape, config.block, pad, config.name)
     if rounding is Rounding.STOCHASTIC and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()))
 
-    if backend != "reference":
+    if backend != "reference" and sr_index is None:
         from . import kernels
 
         q = kernels.quantize(x, config, rounding=rounding, seed=seed, amax=amax, pad=pad, backend=backend)
@@ -184,17 +188,17 @@ def quantize(
     bits = None
     if rounding is Rounding.STOCHASTIC:
         R, C = x2.shape
-        index = torch.arange(R, device=x2.device)[:, None] * x.shape[-1] + torch.arange(C, device=x2.device)
+        index = (sr_index or ElementIndex()).flat(R, C, x.shape[-1], device=x2.device)
         bits = random_bits(seed, index)
 
     tensor_scale = None
+    amax_t = None if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=x2.device)
     if isinstance(config, NVFP4Config):
-        amax_t = None if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=x2.device)
         codes, scales, tensor_scale = quantize_nvfp4(x2, config, rounding, bits, amax_t)
     elif isinstance(config, MXConfig):
         codes, scales = quantize_mx(x2, config, rounding, bits)
     else:
-        codes, scales = quantize_fp8(x2, config, rounding, bits)
+        codes, scales = quantize_fp8(x2, config, rounding, bits, amax_t)
 
     lead = x.shape[:-1]
     data = pack_fp4(codes) if config.elem.bits == 4 else codes

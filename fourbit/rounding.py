@@ -12,10 +12,11 @@ probability ``v - lo`` (to 2^-24): it compares the exact float32 fraction agains
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Rounding", "random_bits", "uniform24", "round_to_integer"]
+__all__ = ["Rounding", "ElementIndex", "random_bits", "uniform24", "round_to_integer"]
 
 _MASK32 = 0xFFFFFFFF
 _HASH_MUL1 = 0x7FEB352D  # lowbias32 (C. Wellons): a well-mixed 32-bit integer hash
@@ -35,6 +36,35 @@ class Rounding(enum.Enum):
             return cls(value)
         except ValueError:
             raise ValueError(f"unknown rounding {value!r}; known: {', '.join(r.value for r in cls)}") from None
+
+
+@dataclass(frozen=True)
+class ElementIndex:
+    """Where a (rows, cols) tensor sits inside a larger logical one, for stochastic rounding's counter:
+    element (r, c) draws ``random_bits(seed, (r + row_offset) * row_stride + c + col_offset)``.
+
+    The default is the tensor itself (``row_stride`` = its last dim). Data-parallel training uses it so a
+    rank's shard of a gradient draws the bits that the same elements would draw in a single-process run.
+    """
+
+    row_offset: int = 0
+    col_offset: int = 0
+    row_stride: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("row_offset", "col_offset"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"ElementIndex.{name} must be a non-negative int, got {v!r}")
+        if self.row_stride is not None and (not isinstance(self.row_stride, int) or self.row_stride < 1):
+            raise ValueError(f"ElementIndex.row_stride must be a positive int or None, got {self.row_stride!r}")
+
+    def flat(self, rows: int, cols: int, row_stride: int, device=None) -> torch.Tensor:
+        """int64 (rows, cols) flat indices; ``row_stride`` is used where the field is None."""
+        stride = self.row_stride if self.row_stride is not None else row_stride
+        r = torch.arange(rows, device=device, dtype=torch.int64)[:, None] + self.row_offset
+        c = torch.arange(cols, device=device, dtype=torch.int64) + self.col_offset
+        return r * stride + c
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -16,9 +16,10 @@ from .convert import (
     quant_linears,
     rng_state,
     set_progress,
+    set_data_parallel,
     set_recipe,
 )
-from .linear import QuantLinear
+from .linear import DataParallel, QuantLinear
 from .qat import QATLinear, fake_quantize, qat
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "find_blocks",
     "set_recipe",
     "set_progress",
+    "set_data_parallel",
+    "DataParallel",
     "rng_state",
     "load_rng_state",
     "quant_linears",

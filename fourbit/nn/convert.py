@@ -31,10 +31,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch.distributed as dist
 from torch import nn
 
 from ..recipes import Recipe, get_recipe
-from .linear import QuantLinear, check_features
+from .linear import DataParallel, QuantLinear, check_features
 
 __all__ = [
     "LayerReport",
@@ -46,6 +47,7 @@ __all__ = [
     "rng_state",
     "load_rng_state",
     "quant_linears",
+    "set_data_parallel",
 ]
 
 HEAD_NAMES = ("lm_head", "embed_out")  # nanoGPT / Llama / GPT-2 (HF) and GPT-NeoX LM heads
@@ -236,6 +238,24 @@ def set_progress(model: nn.Module, fraction: float) -> int:
     layers = quant_linears(model)
     for _, m in layers:
         m.progress = float(fraction)
+    return len(layers)
+
+
+def set_data_parallel(model: nn.Module, group=None) -> int:
+    """Make every QuantLinear quantize its data-parallel shard as a single process would the whole batch.
+
+    ``group``: the process group the per-tensor amaxes are all-reduced over (default: a new group of all
+    ranks, so the reductions never interleave with the gradient collectives). ``None`` without an
+    initialized process group turns it off. Returns the number of layers. Each rank must hold an equal
+    number of tokens per step.
+    """
+    layers = quant_linears(model)
+    parallel = None
+    if dist.is_available() and dist.is_initialized():
+        group = group if group is not None else dist.new_group(backend=dist.get_backend())
+        parallel = DataParallel(group, dist.get_rank(group), dist.get_world_size(group))
+    for _, m in layers:
+        m.parallel = parallel
     return len(layers)
 
 

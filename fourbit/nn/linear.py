@@ -24,6 +24,16 @@ optimizer state stay in the parameters' dtype. Under autocast the input is cast 
 before quantization (as ``nn.Linear`` would cast it) and the output has that dtype. A recipe that quantizes
 nothing (``bf16``) is exactly ``F.linear``.
 
+Data parallel (``fourbit.nn.set_data_parallel``): with the global batch split evenly over ranks, each
+per-tensor amax of an activation or gradient operand (NVFP4's tensor scale, per-tensor FP8) is all-reduced
+(max) over the ranks, and stochastic rounding indexes each element by its position in the global batch
+(``ElementIndex``), so every rank quantizes its shard exactly as a single process quantizes the whole
+batch. The gradient a rank sees is ``world_size`` times the single-process one (its loss averages fewer
+tokens); for a power-of-two world size that scales every NVFP4/FP8/MX scale by an exact power of two and
+leaves the codes unchanged, and DDP/FSDP's gradient averaging divides it back out. Equality with a single
+process then holds up to float32 summation order, provided the local token count is a multiple of the
+wgrad token padding (16 for NVFP4).
+
 Stochastic rounding is seeded per (recipe seed, layer id, step, role) by ``derive_seed``: ``step`` counts
 this layer's training forwards (``module.training`` and grad enabled) and is saved and restored with
 ``fourbit.nn.rng_state`` / ``load_rng_state``, so a resumed run continues the same random stream.
@@ -36,8 +46,11 @@ from __future__ import annotations
 
 import enum
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -45,9 +58,18 @@ from ..gemm import qmm, transpose
 from ..hadamard import RHT, RHT_SIZE, rht
 from ..quantize import QuantizedTensor, quantize
 from ..recipes import OperandQuant, Recipe, get_recipe
-from ..rounding import Rounding
+from ..rounding import ElementIndex, Rounding
+from ..schemes import FP8Config, NVFP4Config
 
-__all__ = ["QuantLinear", "Role", "derive_seed", "quantize_operand", "quantize_weight", "wgrad_inputs"]
+__all__ = [
+    "QuantLinear",
+    "Role",
+    "DataParallel",
+    "derive_seed",
+    "quantize_operand",
+    "quantize_weight",
+    "wgrad_inputs",
+]
 
 _M64 = (1 << 64) - 1
 
@@ -79,19 +101,62 @@ def derive_seed(seed: int, layer_id: int, step: int, role: Role | int) -> int:
     return h >> 1  # 63 bits: a non-negative int64 for kernels
 
 
-def quantize_operand(t: torch.Tensor, op: OperandQuant, *, seed: int | None = None) -> QuantizedTensor | torch.Tensor:
+@dataclass(frozen=True, eq=False)
+class DataParallel:
+    """This process's place among ``world_size`` data-parallel ranks, each holding an equal shard of the batch.
+
+    ``group`` is the process group the per-tensor amaxes are all-reduced over (a dedicated one, so these
+    small reductions never interleave with DDP's or FSDP's gradient collectives on the same group).
+    """
+
+    group: Any
+    rank: int
+    world_size: int
+
+
+def _has_tensor_scale(op: OperandQuant) -> bool:
+    """Operands whose scale depends on the whole tensor's amax (which data parallelism must all-reduce)."""
+    return isinstance(op.scheme, NVFP4Config) or (isinstance(op.scheme, FP8Config) and op.scheme.block is None)
+
+
+def _global_amax(t: torch.Tensor, parallel: DataParallel) -> torch.Tensor:
+    amax = t.detach().abs().amax().float() if t.numel() else torch.zeros((), device=t.device)
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=parallel.group)
+    return amax
+
+
+def quantize_operand(
+    t: torch.Tensor,
+    op: OperandQuant,
+    *,
+    seed: int | None = None,
+    parallel: DataParallel | None = None,
+    sr_index: ElementIndex | None = None,
+) -> QuantizedTensor | torch.Tensor:
     """Quantize a GEMM operand (rows, reduction) along its last dim per ``op``; unquantized if no scheme.
 
     ``op.rht`` is not applied here: ``wgrad_inputs`` transforms both wgrad operands together. The caller
     pads the reduction dim where it may not divide (the wgrad token dim); ``quantize`` zero-pads rows for
     2D blocks. Non-finite inputs propagate as NaN instead of raising, as they would through ``nn.Linear``.
+    With ``parallel`` a per-tensor amax is all-reduced over the ranks; ``sr_index`` places the operand in
+    the global batch for stochastic rounding.
     """
     if op.scheme is None:
         return t
     stochastic = op.rounding is Rounding.STOCHASTIC
     if stochastic and seed is None:
         raise ValueError("quantize_operand: stochastic rounding needs a seed")
-    return quantize(t, op.scheme, rounding=op.rounding, seed=seed if stochastic else None, pad=True, check_finite=False)
+    amax = _global_amax(t, parallel) if parallel is not None and _has_tensor_scale(op) else None
+    return quantize(
+        t,
+        op.scheme,
+        rounding=op.rounding,
+        seed=seed if stochastic else None,
+        amax=amax,
+        sr_index=sr_index if stochastic else None,
+        pad=True,
+        check_finite=False,
+    )
 
 
 def _shares_weight(recipe: Recipe) -> bool:
@@ -149,21 +214,22 @@ class _QuantLinearFunction(torch.autograd.Function):
     """The three quantized GEMMs of a linear layer (see the module docstring). No bias: added outside."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, layer_id: int, step: int):
-        # x (M, K), weight (N, K) -> y float32 (M, N)
-        qx = quantize_operand(x, recipe.fprop.a, seed=derive_seed(recipe.seed, layer_id, step, Role.FPROP_X))
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, layer_id: int, step: int, parallel):
+        # x (M, K), weight (N, K) -> y float32 (M, N); M is this rank's share of the tokens
+        seed_x = derive_seed(recipe.seed, layer_id, step, Role.FPROP_X)
+        qx = quantize_operand(x, recipe.fprop.a, seed=seed_x, parallel=parallel, sr_index=_rows_index(x, parallel))
         share = _shares_weight(recipe) and ctx.needs_input_grad[0]
         qw, qw_t = quantize_weight(weight, recipe, layer_id=layer_id, step=step, dgrad=share)
         y = qmm(qx, qw, accumulation=recipe.accumulation)  # (M, N)
         ctx.save_for_backward(x, weight)
         ctx.qw_t = qw_t  # dgrad's W^T when shared with fprop, else quantized in backward
-        ctx.recipe, ctx.layer_id, ctx.step = recipe, layer_id, step
+        ctx.recipe, ctx.layer_id, ctx.step, ctx.parallel = recipe, layer_id, step, parallel
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, weight = ctx.saved_tensors  # (M, K), (N, K)
-        recipe = ctx.recipe
+        recipe, parallel = ctx.recipe, ctx.parallel
 
         def seed(role):
             return derive_seed(recipe.seed, ctx.layer_id, ctx.step, role)
@@ -171,7 +237,9 @@ class _QuantLinearFunction(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             # Dgrad: dx (M, K) = dy (M, N) @ W (N, K), reduction over N
-            qdy = quantize_operand(dy, recipe.dgrad.a, seed=seed(Role.DGRAD_DY))
+            qdy = quantize_operand(
+                dy, recipe.dgrad.a, seed=seed(Role.DGRAD_DY), parallel=parallel, sr_index=_rows_index(dy, parallel)
+            )
             qw_t = ctx.qw_t
             if qw_t is None:
                 qw_t = quantize_operand(weight.T, recipe.dgrad.b, seed=seed(Role.DGRAD_W))  # (K, N)
@@ -179,11 +247,27 @@ class _QuantLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # Wgrad: dW (N, K) = dy^T (N, M') @ x (M', K), reduction over tokens
             a, b = wgrad_inputs(dy, x, recipe)  # transposed, padded, RHT'd
-            qa = quantize_operand(a, recipe.wgrad.a, seed=seed(Role.WGRAD_DY))
-            qb = quantize_operand(b, recipe.wgrad.b, seed=seed(Role.WGRAD_X))
+            index = _tokens_index(a, parallel)
+            qa = quantize_operand(a, recipe.wgrad.a, seed=seed(Role.WGRAD_DY), parallel=parallel, sr_index=index)
+            qb = quantize_operand(b, recipe.wgrad.b, seed=seed(Role.WGRAD_X), parallel=parallel, sr_index=index)
             dw = qmm(qa, qb, accumulation=recipe.accumulation).to(weight.dtype)
         ctx.qw_t = None
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
+
+
+def _rows_index(t: torch.Tensor, parallel: DataParallel | None) -> ElementIndex | None:
+    """A (tokens, features) shard: its rows start at rank * tokens in the global batch."""
+    if parallel is None:
+        return None
+    return ElementIndex(row_offset=parallel.rank * t.shape[0])
+
+
+def _tokens_index(t: torch.Tensor, parallel: DataParallel | None) -> ElementIndex | None:
+    """A (features, tokens) shard (wgrad's transposed operands): columns offset, global row length."""
+    if parallel is None:
+        return None
+    tokens = t.shape[1]
+    return ElementIndex(col_offset=parallel.rank * tokens, row_stride=parallel.world_size * tokens)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -210,7 +294,7 @@ def _quant_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     out_dtype = cast or x.dtype
     x2 = x.to(out_dtype).reshape(-1, module.in_features)  # (M, K)
     with torch.autocast(device_type, enabled=False):
-        y = _QuantLinearFunction.apply(x2, module.weight, recipe, module.layer_id, step)  # (M, N) float32
+        y = _QuantLinearFunction.apply(x2, module.weight, recipe, module.layer_id, step, module.parallel)  # (M, N) fp32
         if module.bias is not None:
             y = y + module.bias.float()
     return y.to(out_dtype).reshape(*x.shape[:-1], module.out_features)
@@ -223,6 +307,7 @@ class QuantLinear(nn.Linear):
     layer_id  part of the stochastic-rounding seed (``fourbit.nn.convert`` numbers the linears of a model)
     step      training forwards so far (advanced automatically; saved by ``fourbit.nn.rng_state``)
     progress  training progress in [0, 1] for the recipe's late switch (``fourbit.nn.set_progress``)
+    parallel  ``DataParallel`` for amax reductions and global SR indices (``fourbit.nn.set_data_parallel``)
     """
 
     def __init__(
@@ -241,6 +326,7 @@ class QuantLinear(nn.Linear):
         self.layer_id = layer_id
         self.step = 0
         self.progress: float | None = None
+        self.parallel: DataParallel | None = None  # set by fourbit.nn.set_data_parallel
 
     @property
     def recipe(self) -> Recipe:
