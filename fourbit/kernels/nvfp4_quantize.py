@@ -2,17 +2,23 @@
 
 Pass 1 (``_amax_kernel``) reads ``x`` once and folds ``max |x|`` into one int32 with ``atomic_max`` on the
 float32 bit pattern of ``|x|`` (non-negative floats order like their bits; NaN's bits sort above Inf, so
-a NaN anywhere gives a non-finite amax and ``s_enc = 1``, as in the reference). A given ``amax`` skips it.
+a NaN anywhere gives a non-finite amax and ``s_enc = 1``, as in the reference). A grid of 8 programs per SM
+strides over ``x`` keeping a running max, so there is one atomic per program. A given ``amax`` skips it.
 
 Pass 2 (``_quantize_kernel``) reads ``x`` once more, tile by tile, and writes packed codes and E4M3 scales::
 
     program (i, j) owns rows [i*BR, (i+1)*BR) and cols [j*16*NB, (j+1)*16*NB) of the (R, C) matrix view
-    x tile (BR, NB, 16): BR rows, NB blocks of 16 columns   1x16 blocks: max over the last axis
-                         (16, NB, 16) for 16x16 blocks     max over axes 0 and 2
+    x_lo, x_hi (BR, NB, 8): columns 0-7 and 8-15 of each 16-column block, loaded separately with the same
+                         layout, so one thread holds a whole block (no shuffles for its max)
+                         1x16 blocks: max over the last axis of both halves
+                         (16, NB, 8) each for 16x16 blocks: max over axes 0 and 2
     s_enc, s_dec      from amax, every program (a few scalar ops; program (0, 0) stores s_dec)
-    s_dec_b = e4m3(amax_b * (s_enc * fp32(1/6)))  ->  s_enc_b = 1 / (s_dec_b * s_dec)  (0 if the product is 0)
-    codes = e2m1(nan_to_num(x * s_enc_b))   RNE (by thresholds) or SR with random_bits(seed, r * C_orig + c)
-    packed (BR, NB, 8): code 2i in the low nibble, 2i+1 in the high one; scales (BR, NB) or (1, NB)
+    s_dec_b = e4m3(amax_b * (s_enc * fp32(1/6)))  ->  s_enc_b = 1 / (s_dec_b * s_dec)  (0 if the product is 0,
+                         NaN for a non-finite block, whose codes then all come out +0)
+    codes = e2m1(nan_to_num(x * s_enc_b))   RNE by one magic-number add (``encode_e2m1_rne_magic``) or SR
+                                            with random_bits(seed, r * C_orig + c)
+    packed: 8 codes -> one int32 word (code k in bits 4k..4k+3, i.e. byte i = code 2i | code 2i+1 << 4),
+            two words per block, one 8-byte store; scales (BR, NB) or (1, NB)
 
 Every float32 operation is the reference's, in its order, with IEEE rounding and subnormals kept
 (``tl_formats`` says how). Padding (``pad=True``) is done by masked loads: padded elements read as +0.
@@ -20,6 +26,8 @@ Non-contiguous inputs are copied to contiguous memory first (one extra pass).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -29,26 +37,52 @@ from ..formats import E2M1_MAX, E4M3_MAX
 from ..nvfp4 import ONE_SIXTH
 from ..rounding import Rounding, seed_key
 from ..schemes import NVFP4Config
-from .tl_formats import F32_MAX, decode_e4m3, encode_e2m1, encode_e2m1_rne, encode_e4m3, random_bits
+from .tl_formats import F32_MAX, decode_e4m3, encode_e2m1, encode_e2m1_rne_magic, encode_e4m3, random_bits
 
 EXACT_OPTIONS = dict(enable_fp_fusion=False, enable_reflect_ftz=False)  # IEEE float32, as the reference
 ONE_SIXTH_F32 = float(ONE_SIXTH)  # fp32(1/6), exactly representable as a Python float
-AMAX_BLOCK = 8192
+AMAX_BLOCK = 4096
+AMAX_PROGRAMS_PER_SM = 8  # the amax pass runs a grid of this many programs per SM, each striding over x
+
+
+@functools.cache
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit
 def _amax_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
-    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |x| as ordered int bits
-    tl.atomic_max(out_ptr, tl.max(bits, axis=0))
+    """Each program folds a strided set of BLOCK-element chunks into a running max, then one atomic."""
+    run = tl.zeros((BLOCK,), dtype=tl.int32)
+    for chunk in range(tl.program_id(0).to(tl.int64), tl.cdiv(N, BLOCK), tl.num_programs(0)):
+        offs = chunk * BLOCK + tl.arange(0, BLOCK)  # a multiple of BLOCK: 16-byte loads
+        x = tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+        run = tl.maximum(run, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF)  # |x| as ordered int bits
+    tl.atomic_max(out_ptr, tl.max(run, axis=0))
+
+
+@triton.jit
+def _block_codes(x, s_enc_b, rows, cols, c_index, key, STOCHASTIC: tl.constexpr):
+    """E2M1 codes (int32) of x * s_enc_b for one half-block (..., 8) of elements at (rows, cols)."""
+    y = x * s_enc_b
+    if STOCHASTIC:
+        y = tl.where(y != y, 0.0, y)  # nan_to_num(nan=0); +-Inf saturates in the encoder as +-FLT_MAX would
+        return encode_e2m1(y, random_bits(key, rows * c_index + cols), True)
+    return encode_e2m1_rne_magic(y)  # NaN -> +0 by itself
+
+
+@triton.jit
+def _pack8(codes):
+    """(..., 8) 4-bit codes -> (...,) int32 word, code k in bits 4k..4k+3 (low nibble first, little endian)."""
+    shifts = 4 * tl.arange(0, 8)
+    return tl.sum(codes << shifts, axis=len(codes.shape) - 1)  # disjoint bits: the sum is an OR
 
 
 @triton.jit(do_not_specialize=["key"])
 def _quantize_kernel(
     x_ptr,
     amax_ptr,
-    data_ptr,
+    data_ptr,  # int32 view of the packed codes: (Rp, Cp / 8) words, two per 16-element block
     scales_ptr,
     tscale_ptr,
     R,
@@ -70,8 +104,13 @@ def _quantize_kernel(
     r = pid_r.to(tl.int64) * BR + tl.arange(0, BR)
     b = pid_c * NB + tl.arange(0, NB)
     rows = r[:, None, None]  # (BR, 1, 1)
-    cols = b[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]  # (1, NB, 16)
-    x = tl.load(x_ptr + rows * C + cols, mask=(rows < R) & (cols < C), other=0.0).to(tl.float32)  # (BR, NB, 16)
+    # each block is loaded as two halves of 8 columns with the same layout, so one thread holds all 16
+    # elements of a block (16-byte loads for bf16) and block maxima need no cross-thread shuffles
+    cols_lo = b[None, :, None] * 16 + tl.arange(0, 8)[None, None, :]  # (1, NB, 8)
+    cols_hi = cols_lo + 8
+    in_rows = rows < R
+    x_lo = tl.load(x_ptr + rows * C + cols_lo, mask=in_rows & (cols_lo < C), other=0.0).to(tl.float32)  # (BR, NB, 8)
+    x_hi = tl.load(x_ptr + rows * C + cols_hi, mask=in_rows & (cols_hi < C), other=0.0).to(tl.float32)
 
     # tensor scale: s_enc = min(6 * 448 / amax, FLT_MAX), 1 if amax is 0 or not finite; s_dec = 1 / s_enc
     amax = tl.load(amax_ptr)
@@ -90,11 +129,14 @@ def _quantize_kernel(
         tl.store(tscale_ptr, s_dec)
 
     # block amax over |x| bits; a non-finite block is flagged and treated as amax 0
-    xbits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    hmax = tl.maximum(
+        tl.max(x_lo.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2),
+        tl.max(x_hi.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2),
+    )  # (BR, NB)
     if BLOCK_ROWS == 1:
-        bmax = tl.max(xbits, axis=2)  # (BR, NB)
+        bmax = hmax
     else:
-        bmax = tl.max(tl.max(xbits, axis=2), axis=0)[None, :]  # (1, NB)
+        bmax = tl.max(hmax, axis=0)[None, :]  # (1, NB)
     finite_b = bmax < 0x7F800000
     amax_b = tl.where(finite_b, bmax, 0).to(tl.float32, bitcast=True)
 
@@ -107,20 +149,15 @@ def _quantize_kernel(
     else:
         inv = 1.0 / denom
     s_enc_b = tl.where(denom == 0, 0.0, inv)
-
-    y = x * s_enc_b[:, :, None]
-    if STOCHASTIC:
-        y = tl.where(y != y, 0.0, y)  # nan_to_num(nan=0); +-Inf saturates in the encoder as +-FLT_MAX would
-        codes = encode_e2m1(y, random_bits(key, rows * c_index + cols), True)
-    else:
-        codes = encode_e2m1_rne(y)  # NaN -> +0 by itself
-    codes = tl.where(finite_b[:, :, None], codes, 0)
+    # a non-finite block encodes as +0 everywhere: x * NaN is NaN, which both encoders map to +0
+    s_enc_b = tl.where(finite_b, s_enc_b, float("nan"))[:, :, None]
     scode = tl.where(finite_b, scode, 0x7F)
 
-    lo, hi = tl.split(tl.reshape(codes, (BR, NB, 8, 2)))
-    packed = (lo | (hi << 4)).to(tl.uint8)  # (BR, NB, 8)
-    pcols = b[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
-    tl.store(data_ptr + rows * (Cp // 2) + pcols, packed, mask=(rows < Rp) & (pcols < Cp // 2))
+    w_lo = _pack8(_block_codes(x_lo, s_enc_b, rows, cols_lo, c_index, key, STOCHASTIC))  # (BR, NB)
+    w_hi = _pack8(_block_codes(x_hi, s_enc_b, rows, cols_hi, c_index, key, STOCHASTIC))
+    words = tl.join(w_lo, w_hi)  # (BR, NB, 2): one 8-byte store per block
+    wcols = b[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+    tl.store(data_ptr + rows * (Cp // 8) + wcols, words, mask=(rows < Rp) & (wcols < Cp // 8))
 
     if BLOCK_ROWS == 1:
         srows = r[:, None]  # (BR, 1)
@@ -133,7 +170,8 @@ def measure_amax(x: torch.Tensor, interpret: bool = False) -> torch.Tensor:
     """max |x| as a float32 one-element tensor (NaN/Inf propagate as a non-finite value)."""
     out = torch.zeros(1, dtype=torch.int32, device=x.device)
     n = x.numel()
-    _amax_kernel[(triton.cdiv(n, AMAX_BLOCK),)](x, out, n, BLOCK=AMAX_BLOCK, num_warps=8)
+    programs = 4 if interpret else AMAX_PROGRAMS_PER_SM * _sm_count(x.device)
+    _amax_kernel[(min(triton.cdiv(n, AMAX_BLOCK), programs),)](x, out, n, BLOCK=AMAX_BLOCK, num_warps=8)
     return out.view(torch.float32)
 
 
@@ -145,7 +183,7 @@ def quantize_nvfp4(
     amax,
     pad: bool,
     *,
-    tile: int = 2048,
+    tile: int = 4096,
     max_blocks: int = 32,
     num_warps: int = 4,
 ):
@@ -166,7 +204,7 @@ def quantize_nvfp4(
     else:
         amax_t = torch.as_tensor(amax, dtype=torch.float32, device=x.device).reshape(1).contiguous()
 
-    data = torch.empty((Rp, Cp // 2), dtype=torch.uint8, device=x.device)
+    data = torch.empty((Rp, Cp // 2), dtype=torch.uint8, device=x.device)  # written as int32 words
     scales = torch.empty((Rp // br, Cp // bc), dtype=torch.uint8, device=x.device)
     tscale = torch.empty((), dtype=torch.float32, device=x.device)
     stochastic = rounding is Rounding.STOCHASTIC
@@ -181,7 +219,7 @@ def quantize_nvfp4(
     _quantize_kernel[grid](
         xc,
         amax_t,
-        data,
+        data.view(torch.int32),
         scales,
         tscale,
         R,

@@ -114,6 +114,27 @@ def encode_e2m1_rne(x):
 
 
 @triton.jit
+def encode_e2m1_rne_magic(x):
+    """float32 -> E2M1 code, round-half-even; equals ``encode_e2m1_rne`` (and the reference) for every x.
+
+    ``a = min(|x|, 6)`` (NaN gives 6, fixed at the end); ``M = 2^(22 + e)`` with ``e = floor(log2 max(a, 1))``
+    in {0, 1, 2}, so ``ulp(M) = 2^(e-1)`` is E2M1's spacing in a's binade (0.5 below 2, then 1, then 2).
+    ``a + M`` rounds a half-to-even onto that grid (one IEEE add), and ``bits(a + M) - bits(M)`` counts
+    grid steps: the code is that count plus ``2e``. About 10 integer/float operations instead of seven
+    compares and their sums. -0 and negatives below the first midpoint keep the sign (code 8), as the
+    reference does; NaN gives +0.
+    """
+    xb = x.to(tl.int32, bitcast=True)
+    a = tl.minimum((xb & 0x7FFFFFFF).to(tl.float32, bitcast=True), 6.0)
+    mb = tl.maximum(a, 1.0).to(tl.int32, bitcast=True) & 0x7F800000  # exponent field of max(a, 1): 127 + e
+    big = mb + (22 << 23)  # bits of M = 2^(22 + e)
+    steps = (a + big.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True) - big
+    mag = steps + ((mb >> 22) - 254)  # + 2e
+    code = mag | ((xb >> 28) & 8)
+    return tl.where(x == x, code, 0)
+
+
+@triton.jit
 def decode_e4m3(code):
     """E4M3 (fn) code (int32) -> float32, exact; 0x7F/0xFF -> NaN."""
     mag = code & 0x7F
