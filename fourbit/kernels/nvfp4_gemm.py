@@ -20,6 +20,20 @@ Tiling (``_qmm_kernel``): program (m, n) owns a (BM, BN) output tile and walks K
     A packed (BM, BK/2) uint8, scales (BM, BK/16) --dequant--> A_even, A_odd (BM, BK/2) bf16
     B packed (BN, BK/2) uint8, scales (BN, BK/16) --dequant--> B_even, B_odd (BN, BK/2) bf16
     acc (BM, BN) fp32 += A_even @ B_even^T + A_odd @ B_odd^T
+
+W4A16 (``linear_w4a16``, x (B, K) BF16 times W (N, K) NVFP4) has two kernels:
+
+* batch 1 (``_w4a16_fma_kernel``, CUDA cores): decode is memory-bound, so the kernel streams the packed
+  weights as 32-bit words (16-byte loads) and turns each word's 8 nibbles into float32 with integer tricks,
+  two nibbles per multiply::
+
+      p  = (w & 0x000F000F << 4j) * (2^(6-4j) + 2^(12-4j)) & 0x81C081C0   nibbles j, j+4 as BF16 bits of
+                                                                          e2m1 * 2^-126, one per 16-bit half
+      v  = float32(p << 16), float32(p & 0xFFFF0000)                      the two values, exact
+      y += tw * sum_blocks scale * sum_{i in block} (v_i * 2^126) * x_i   float32 FMAs (products exact)
+
+  A program owns BN rows and the whole K (no split-K, no atomics); 28672 rows give 896 programs of 32 rows.
+* batch 2-16 (``_w4a16_kernel``, tensor cores): x padded to 16 rows, the ``_dequant`` above, mma.sync.
 """
 
 from __future__ import annotations
@@ -41,14 +55,30 @@ GEMM_CONFIGS = (
     (128, 128, 64, 4, 4),
     (64, 128, 128, 4, 4),
 )
-# (BN, BK, SPLIT_K, num_warps, num_stages) for the skinny W4A16 kernel
+# (BN, BK, SPLIT_K, num_warps, num_stages) for the tensor-core W4A16 kernel (batch 5-16); the first is the
+# default (the fastest at B = 1 and 16 on an H100, benchmarks/RESULTS.md)
 GEMV_CONFIGS = (
+    (128, 256, 1, 8, 3),
     (64, 256, 1, 4, 4),
     (32, 256, 1, 4, 4),
     (64, 128, 1, 4, 5),
-    (128, 256, 1, 8, 3),
     (64, 256, 2, 4, 4),
 )
+# (BN, BKB, num_warps) for the CUDA-core W4A16 kernel (batch 1 by default, at most 4): BN weight rows per
+# program, BKB 16-element blocks per K step (2 * BKB packed 32-bit words per row); the first is the default
+# (0.074 ms at 1x8192 . 28672x8192 on an H100, the others 0.10-0.12 ms; benchmarks/RESULTS.md)
+GEMV_FMA_CONFIGS = (
+    (32, 64, 4),
+    (32, 32, 4),
+    (64, 32, 4),
+    (64, 16, 4),
+)
+# batches up to this take the CUDA-core kernel by default, larger ones the tensor-core kernel. Measured on an
+# H100: at B = 4 the CUDA-core kernel (4 batch rows in registers, 246-255 registers, spills) took 0.27 ms
+# against 0.18 ms for the tensor-core one; B = 2 was not measured, so it stays on the tensor cores.
+FMA_MAX_BATCH = 1
+FMA_BATCH_LIMIT = 4  # the most rows the CUDA-core kernel takes when its config is asked for explicitly
+TWO_POW_126 = tl.constexpr(8.507059173023462e37)  # 2^126: float32 bits (m << 22) are e2m1(m) * 2^-126
 
 
 @triton.jit
@@ -176,6 +206,103 @@ def _w4a16_kernel(
         tl.atomic_add(y_ptrs, out, mask=y_mask)
 
 
+@triton.jit
+def _e2m1_pair(w, J: tl.constexpr):
+    """Nibbles J and J + 4 (J = 0, 1) of uint32 words ``w`` as float32 ``e2m1(code) * 2^-126`` (exact).
+
+    ``(w & 0x000F000F << 4J) * (2^(6-4J) + 2^(12-4J))`` copies each of the two nibbles to bits 6..9 and
+    12..15 of its 16-bit half (no overlap, no carries); masking with 0x81C0 per half leaves the BF16 bits
+    of e2m1 * 2^-126 (magnitude at 6..8, sign at 15) in each half. The high half is then a float32 as it
+    stands, the low half after a 16-bit shift. Nibbles 2, 3, 6, 7 are taken as 0, 1, 4, 5 of ``w >> 8``.
+    """
+    p = (w & (0x000F000F << (4 * J))) * (0x1040 >> (4 * J)) & 0x81C081C0
+    lo = (p << 16).to(tl.float32, bitcast=True)
+    hi = (p & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _fma_batch_row(acc, w, w8, scale, x_ptr, b: tl.constexpr, B, K_X, xk, EVEN_K: tl.constexpr):
+    """acc (BN, BKB) += scale * block sums of e2m1(w) * x[b] for one batch row ``b``."""
+    BN: tl.constexpr = w.shape[0]
+    BKW: tl.constexpr = w.shape[1]
+    pw = tl.zeros((BN, BKW), dtype=tl.float32)
+    for j in tl.static_range(4):  # nibbles j and j + 4 of every word: elements 8t + j, 8t + j + 4
+        if j < 2:
+            v_lo, v_hi = _e2m1_pair(w, j)
+        else:
+            v_lo, v_hi = _e2m1_pair(w8, j - 2)
+        if EVEN_K:  # no column mask: K_X is a multiple of the K step
+            x_lo = tl.load(x_ptr + b * K_X + xk + j, mask=b < B, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptr + b * K_X + xk + j + 4, mask=b < B, other=0.0).to(tl.float32)
+        else:
+            x_lo = tl.load(x_ptr + b * K_X + xk + j, mask=(b < B) & (xk + j < K_X), other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptr + b * K_X + xk + j + 4, mask=(b < B) & (xk + j + 4 < K_X), other=0.0).to(tl.float32)
+        pw += (v_lo * TWO_POW_126) * x_lo[None, :]  # e2m1 * x, exact products
+        pw += (v_hi * TWO_POW_126) * x_hi[None, :]
+    pb = tl.sum(tl.reshape(pw, (BN, BKW // 2, 2)), axis=2)  # (BN, BKB): the two words of each block
+    return acc + pb * scale
+
+
+@triton.jit
+def _w4a16_fma_kernel(
+    x_ptr,
+    w_ptr,  # packed weights viewed as int32 words (N, K/8): word t holds elements 8t..8t+7, low nibble first
+    ws_ptr,
+    tw_ptr,
+    y_ptr,
+    B,
+    N,
+    KS,  # 16-element blocks per weight row (padded K / 16)
+    K_X,  # the activations' K; columns past it read as 0
+    W_SROWS: tl.constexpr,
+    BB: tl.constexpr,  # batch rows handled: 1, 2 or 4 (>= B)
+    BN: tl.constexpr,
+    BKB: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K_X == 16 * KS and KS a multiple of BKB
+):
+    """y[b, n] = tw * sum_blocks scale[n, blk] * sum_{i in blk} e2m1(w[n, i]) * x[b, i], in float32.
+
+    A program owns BN weight rows and the whole K: each step loads (BN, 2*BKB) words (16-byte loads),
+    turns each word's 8 nibbles into float32 values (mask, multiply, mask, times 2^126), multiplies by x,
+    sums each 16-element block, scales it and adds it to (BN, BKB) partial sums per batch row; one
+    reduction at the end. CUDA cores only: at batch <= 4 the weight stream (4.5 bits a weight) is the cost.
+    """
+    pid_n = tl.program_id(0)
+    rows = pid_n * BN + tl.arange(0, BN)
+    rows64 = rows.to(tl.int64)
+    rmask = rows < N
+    offs_w = tl.arange(0, 2 * BKB)
+    offs_b = tl.arange(0, BKB)
+    KW = 2 * KS
+    acc0 = tl.zeros((BN, BKB), dtype=tl.float32)
+    acc1 = tl.zeros((BN, BKB), dtype=tl.float32)
+    acc2 = tl.zeros((BN, BKB), dtype=tl.float32)
+    acc3 = tl.zeros((BN, BKB), dtype=tl.float32)
+    for kb in range(0, KS, BKB):
+        wcol = 2 * kb + offs_w  # (2 BKB,) word columns
+        w = tl.load(w_ptr + rows64[:, None] * KW + wcol[None, :], mask=rmask[:, None] & (wcol[None, :] < KW), other=0)
+        w = w.to(tl.uint32, bitcast=True)
+        w8 = w >> 8
+        bcol = kb + offs_b
+        sc = tl.load(ws_ptr + (rows64 // W_SROWS)[:, None] * KS + bcol[None, :], mask=rmask[:, None] & (bcol[None, :] < KS), other=0)
+        scale = decode_e4m3(sc.to(tl.int32))  # (BN, BKB)
+        xk = wcol * 8  # first element of each word
+        acc0 = _fma_batch_row(acc0, w, w8, scale, x_ptr, 0, B, K_X, xk, EVEN_K)
+        if BB > 1:
+            acc1 = _fma_batch_row(acc1, w, w8, scale, x_ptr, 1, B, K_X, xk, EVEN_K)
+        if BB > 2:
+            acc2 = _fma_batch_row(acc2, w, w8, scale, x_ptr, 2, B, K_X, xk, EVEN_K)
+            acc3 = _fma_batch_row(acc3, w, w8, scale, x_ptr, 3, B, K_X, xk, EVEN_K)
+    tw = tl.load(tw_ptr)
+    tl.store(y_ptr + rows64, (tl.sum(acc0, axis=1) * tw).to(y_ptr.dtype.element_ty), mask=rmask)
+    if BB > 1:
+        tl.store(y_ptr + N + rows64, (tl.sum(acc1, axis=1) * tw).to(y_ptr.dtype.element_ty), mask=rmask & (1 < B))
+    if BB > 2:
+        tl.store(y_ptr + 2 * N + rows64, (tl.sum(acc2, axis=1) * tw).to(y_ptr.dtype.element_ty), mask=rmask & (2 < B))
+        tl.store(y_ptr + 3 * N + rows64, (tl.sum(acc3, axis=1) * tw).to(y_ptr.dtype.element_ty), mask=rmask & (3 < B))
+
+
 def _nvfp4_matrix(q, what: str):
     """(packed (Rp, Kp/2), scales (R/br, Kp/16) uint8, tensor_scale (1,), rows R, Kp, block rows) of an operand."""
     from ..quantize import QuantizedTensor
@@ -245,14 +372,25 @@ def _linear_w4a16(x, w, mw, bias, config):
     B = x2.shape[0]
     if B > 16:
         return None
-    BN, BK, split, warps, stages = config or GEMV_CONFIGS[0]
-    y = torch.zeros((B, N), dtype=torch.float32, device=x.device) if split > 1 else torch.empty((B, N), dtype=torch.bfloat16, device=x.device)
-    grid = (triton.cdiv(N, BN), split)
-    _w4a16_kernel[grid](
-        x2, w_p, w_s, tw, y, B, N, kp, K,
-        W_SROWS=w_br, BB=16, BN=BN, BK=BK, SPLIT_K=split, DOT_BF16=x2.is_cuda, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    y = y.to(torch.bfloat16)
+    fma = B <= FMA_MAX_BATCH if config is None else len(config) == 3
+    if fma and B > FMA_BATCH_LIMIT:
+        raise ValueError(f"linear_w4a16: the CUDA-core config {config} takes at most {FMA_BATCH_LIMIT} rows, got {B}")
+    if fma and w_p.data_ptr() % 4 == 0:  # (a byte-offset view of the weights takes the tensor-core kernel)
+        BN, BKB, warps = config or GEMV_FMA_CONFIGS[0]
+        y = torch.empty((B, N), dtype=torch.bfloat16, device=x.device)
+        _w4a16_fma_kernel[(triton.cdiv(N, BN),)](
+            x2, w_p.view(torch.int32), w_s, tw, y, B, N, kp // 16, K,
+            W_SROWS=w_br, BB=triton.next_power_of_2(B), BN=BN, BKB=BKB, EVEN_K=K == kp and (kp // 16) % BKB == 0, num_warps=warps,
+        )  # fmt: skip
+    else:
+        BN, BK, split, warps, stages = config if config is not None and len(config) == 5 else GEMV_CONFIGS[0]
+        y = torch.zeros((B, N), dtype=torch.float32, device=x.device) if split > 1 else torch.empty((B, N), dtype=torch.bfloat16, device=x.device)
+        grid = (triton.cdiv(N, BN), split)
+        _w4a16_kernel[grid](
+            x2, w_p, w_s, tw, y, B, N, kp, K,
+            W_SROWS=w_br, BB=16, BN=BN, BK=BK, SPLIT_K=split, DOT_BF16=x2.is_cuda, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        y = y.to(torch.bfloat16)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], N)
