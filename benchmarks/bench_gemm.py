@@ -1,13 +1,14 @@
 """GEMM speed against cuBLAS BF16 ``F.linear`` measured in the same run.
 
 * emulated NVFP4 x NVFP4 (``fourbit.kernels.qmm``) at M = N = K = 8192, each tile config;
-* W4A16 NVFP4 GEMV / skinny GEMM, x (B, 8192) . W (28672, 8192)^T for B = 1 and 16, each config;
+* W4A16 NVFP4 GEMV / skinny GEMM, x (B, 8192) . W (28672, 8192)^T for B = 1, 4, 8, 16: the default
+  dispatch and each config of the kernel that serves that batch;
 * FP8 through ``scaled_mm``: per tensor and DeepSeek blockwise (1x128 x 128x128) at 8192^3.
 
 Quantization is outside the timed region (operands quantized once). Prints compiler facts for the
 Triton kernels (registers, spills, whether wgmma was used).
 
-    PYTHONPATH=. python benchmarks/bench_gemm.py
+    PYTHONPATH=. python benchmarks/bench_gemm.py [--parts qmm fp8 w4a16]
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ def _kernel_facts(kernel) -> list[str]:
 
 
 def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--parts", nargs="+", default=["qmm", "fp8", "w4a16"], choices=["qmm", "fp8", "w4a16"])
+    parts = p.parse_args().parts
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}")
     rows = []
     M = N = K = 8192
@@ -60,8 +66,9 @@ def main() -> None:
     rows.append(("cuBLAS BF16 F.linear 8192^3", bf16_ms, flop / bf16_ms / 1e9, 1.0))
 
     qa, qb = fourbit.quantize(a, "nvfp4"), fourbit.quantize(b, "nvfp4")
+    gemm_configs = g.GEMM_CONFIGS if "qmm" in parts else ()
     ref = F.linear(qa.dequantize(torch.bfloat16), qb.dequantize(torch.bfloat16)).float()
-    for cfg in g.GEMM_CONFIGS:
+    for cfg in gemm_configs:
         try:
             out = g.qmm(qa, qb, config=cfg, out_dtype=torch.bfloat16)
             rel = float((out.float() - ref).norm() / ref.norm())
@@ -72,7 +79,8 @@ def main() -> None:
     print("qmm kernel:", *kernel_facts(g._qmm_kernel), sep="\n")
     del qa, qb, ref
 
-    for name, ka, kb in (("tensorwise", None, None), ("blockwise 1x128 x 128x128", (1, 128), (128, 128))):
+    fp8_cases = (("tensorwise", None, None), ("blockwise 1x128 x 128x128", (1, 128), (128, 128))) if "fp8" in parts else ()
+    for name, ka, kb in fp8_cases:
         fa, fb = fourbit.quantize(a, "fp8", block=ka), fourbit.quantize(b, "fp8", block=kb)
         if fp8_mm(fa, fb) is None:
             rows.append((f"FP8 {name}: unsupported here", float("nan"), float("nan"), float("nan")))
@@ -82,21 +90,26 @@ def main() -> None:
     del a, b
 
     N, K = 28672, 8192
+    batches = (1, 4, 8, 16) if "w4a16" in parts else ()
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
     qw = fourbit.quantize(w, "nvfp4")
-    for B in (1, 16):
+    wbytes = N * K // 2 + N * K // 16  # packed codes + E4M3 scales
+    for B in batches:
         x = torch.randn(B, K, device="cuda", dtype=torch.bfloat16)
         lin_ms = median_ms(lambda: F.linear(x, w))
         gb = (N * K * 2) / lin_ms / 1e6
         rows.append((f"cuBLAS BF16 F.linear {B}x{K} . {N}x{K} ({gb:.0f} GB/s of weights)", lin_ms, 2 * B * N * K / lin_ms / 1e9, 1.0))
         ref = F.linear(x.float(), qw.dequantize()).float()
-        for cfg in g.GEMV_CONFIGS:
+        configs = [None] + (list(g.GEMV_FMA_CONFIGS) if B <= g.FMA_BATCH_LIMIT else [])
+        configs += list(g.GEMV_CONFIGS[:1] if B <= g.FMA_BATCH_LIMIT else g.GEMV_CONFIGS[:3])
+        for cfg in configs:
             y = g.linear_w4a16(x, qw, config=cfg)
             rel = float((y.float() - ref).norm() / ref.norm())
             ms = median_ms(lambda: g.linear_w4a16(x, qw, config=cfg))
-            gbq = (N * K // 2 + N * K // 16) / ms / 1e6
-            rows.append((f"W4A16 B={B} {cfg} ({gbq:.0f} GB/s, rel err {rel:.1e})", ms, 2 * B * N * K / ms / 1e9, lin_ms / ms))
-    print("w4a16 kernel:", *kernel_facts(g._w4a16_kernel), sep="\n")
+            label = "default dispatch" if cfg is None else cfg
+            rows.append((f"W4A16 B={B} {label} ({wbytes / ms / 1e6:.0f} GB/s, rel err {rel:.1e})", ms, 2 * B * N * K / ms / 1e9, lin_ms / ms))
+    print("w4a16 tensor-core kernel:", *kernel_facts(g._w4a16_kernel), sep="\n")
+    print("w4a16 CUDA-core kernel:", *kernel_facts(g._w4a16_fma_kernel), sep="\n")
 
     print("\n| what | ms | TFLOP/s | speed-up vs BF16 |")
     print("|---|---|---|---|")

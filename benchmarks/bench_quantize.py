@@ -62,16 +62,22 @@ def main() -> None:
             from fourbit.rounding import Rounding
             from fourbit.schemes import NVFP4Config
 
-            for tile, warps in ((1024, 2), (2048, 4), (4096, 4), (4096, 8), (8192, 8)):
+            for tile, warps in ((2048, 4), (4096, 4), (8192, 4), (8192, 8), (16384, 8)):
                 cfg = NVFP4Config()
                 ms = median_ms(lambda: quantize_nvfp4(x, cfg, Rounding.NEAREST, None, amax, False, tile=tile, num_warps=warps))
                 bw = (x.numel() * x.element_size() + out_bytes) / ms / 1e6
                 rows.append((shape, "1x16", f"tile {tile}, {warps} warps, amax given", ms, bw, bw / copy_bw))
             from fourbit.kernels.nvfp4_quantize import measure_amax
 
-            ms = median_ms(lambda: measure_amax(x))
-            bw = x.numel() * x.element_size() / ms / 1e6
-            rows.append((shape, "-", "amax pass alone (read only)", ms, bw, bw / copy_bw))
+            import fourbit.kernels.nvfp4_quantize as kq
+
+            default_programs = kq.AMAX_PROGRAMS_PER_SM
+            for programs in (4, 8, 16):
+                kq.AMAX_PROGRAMS_PER_SM = programs
+                ms = median_ms(lambda: measure_amax(x))
+                bw = x.numel() * x.element_size() / ms / 1e6
+                rows.append((shape, "-", f"amax pass alone (read only), {programs} programs/SM", ms, bw, bw / copy_bw))
+            kq.AMAX_PROGRAMS_PER_SM = default_programs
         if R * C <= 8192 * 8192:
             ms = median_ms(lambda: fourbit.quantize(x, "nvfp4", backend="reference"))
             bw = (x.numel() * x.element_size() + out_bytes) / ms / 1e6

@@ -215,17 +215,22 @@ def test_qmm_declines_other_schemes():
 
 
 @gpu
-@pytest.mark.parametrize("batch", [1, 5, 16])
+@pytest.mark.parametrize("batch", [1, 3, 4, 5, 16])
 @pytest.mark.parametrize("w_block", BLOCKS, ids=BLOCK_IDS)
-def test_w4a16_vs_float64(batch, w_block):
-    N, Kd = 272, 512
+@pytest.mark.parametrize("Kd", [512, 304], ids=["K512", "K304"])  # 304: K not a multiple of the K step
+def test_w4a16_vs_float64(batch, w_block, Kd):
+    N = 272
     w = grid_operand(N, Kd, _gen(20), w_block)
     w_hat = w.dequantize()
     w = _cuda(w)
     x = torch.randn(batch, Kd, generator=_gen(21)).bfloat16()
-    from fourbit.kernels.nvfp4_gemm import GEMV_CONFIGS, linear_w4a16
+    from fourbit.kernels.nvfp4_gemm import FMA_BATCH_LIMIT, GEMV_CONFIGS, GEMV_FMA_CONFIGS, linear_w4a16
 
-    for cfg in GEMV_CONFIGS:
+    # the default dispatch, a plain and a split-K tensor-core config, two CUDA-core configs (compiles are slow)
+    configs = (None, GEMV_CONFIGS[0], GEMV_CONFIGS[-1]) + (GEMV_FMA_CONFIGS[:2] if batch <= FMA_BATCH_LIMIT else ())
+    for cfg in configs:
+        y = torch.full((batch, N), float("nan"), dtype=torch.bfloat16, device="cuda")  # poison the allocator
+        del y
         y = linear_w4a16(x.cuda(), w, config=cfg)
         assert y.shape == (batch, N) and y.dtype == torch.bfloat16
         gemm_check(y, x.float(), w_hat, rtol_out=BF16_OUT_RTOL)

@@ -36,6 +36,24 @@ if INTERPRET:
 
     _interp._patch_lang_tensor = _patch_lang_tensor
 
+    # TRITON_INTERPRET is read when a function is decorated. Whatever imported triton before this module
+    # (``import fourbit`` reaches torch._dynamo, which imports triton) left triton.language's own jit'd
+    # helpers (tl.zeros, tl.sum, ...) and possibly our kernel modules compiled-only: re-wrap the first for
+    # the interpreter and re-import the second.
+    import importlib
+    import sys
+
+    import triton.language as _tl
+    from triton.runtime.jit import JITFunction
+
+    for _mod in (_tl, _tl.standard):
+        for _name, _obj in list(vars(_mod).items()):
+            if isinstance(_obj, JITFunction):
+                setattr(_mod, _name, _interp.InterpretedFunction(_obj.fn))
+    for _name in ("tl_formats", "nvfp4_quantize", "nvfp4_gemm"):
+        if f"fourbit.kernels.{_name}" in sys.modules:
+            importlib.reload(sys.modules[f"fourbit.kernels.{_name}"])
+
 
 def _kernel_quantize(x, block=(1, 16), rounding="nearest", seed=None, amax=None, pad=False):
     from fourbit.kernels.nvfp4_quantize import quantize_nvfp4
@@ -88,3 +106,52 @@ def test_qmm_and_w4a16():
     for split in (1, 2):
         y = g._linear_w4a16(x, b, g._nvfp4_matrix(b, "w"), None, (16, 32, split, 4, 1))
         gemm_check(y, x.float(), b.dequantize(), rtol_out=BF16_TRUNC_RTOL)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4])
+@pytest.mark.parametrize("K", [64, 80], ids=["K64-even", "K80-masked"])
+def test_w4a16_cuda_core_kernel(batch, K):
+    """The CUDA-core kernel (nibble pairs to float32 bits, FMA; batch <= 4), with and without the column mask."""
+    from fourbit.kernels import nvfp4_gemm as g
+
+    gen = torch.Generator().manual_seed(batch)
+    w = grid_operand(40, K, gen, (1, 16))
+    x = torch.randn(batch, K, generator=gen).bfloat16()
+    for cfg in ((16, 2, 4), (32, 4, 4)):
+        y = g._linear_w4a16(x, w, g._nvfp4_matrix(w, "w"), None, cfg)
+        gemm_check(y, x.float(), w.dequantize(), rtol_out=BF16_TRUNC_RTOL)
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        g._linear_w4a16(torch.zeros(5, K).bfloat16(), w, g._nvfp4_matrix(w, "w"), None, (16, 2, 4))
+
+
+def test_e2m1_magic_encoder_matches_reference():
+    """``encode_e2m1_rne_magic`` vs ``E2M1.encode``: every bf16 bit pattern, each midpoint and grid value
+    with its float32 neighbours (both signs), random float32 patterns; NaN must give +0."""
+    import triton
+    import triton.language as tl
+
+    from fourbit.formats import E2M1
+
+    global _tl_formats  # a jit'd function resolves names in its module's globals, not in this function
+    from fourbit.kernels import tl_formats as _tl_formats
+
+    @triton.jit
+    def encode(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        code = _tl_formats.encode_e2m1_rne_magic(tl.load(x_ptr + offs, mask=offs < N))
+        tl.store(out_ptr + offs, code, mask=offs < N)
+
+    grid_pts = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 7.0, 1e-45])
+    near = torch.cat([grid_pts.view(torch.int32) + d for d in range(-2, 3)])
+    bits = torch.cat([
+        torch.arange(1 << 16, dtype=torch.int32) << 16,
+        near,
+        near | torch.tensor(-(2**31), dtype=torch.int32),
+        torch.randint(-(2**31), 2**31 - 1, (1 << 16,), dtype=torch.int32, generator=torch.Generator().manual_seed(0)),
+    ])  # fmt: skip
+    x = bits.view(torch.float32)
+    got = torch.empty_like(bits)
+    encode[(triton.cdiv(x.numel(), 1 << 16),)](x, got, x.numel(), BLOCK=1 << 16)
+    nan = torch.isnan(x)
+    assert torch.equal(got[~nan], E2M1.encode(x[~nan]).to(torch.int32))
+    assert not bool(got[nan].any())
