@@ -203,3 +203,12 @@ def test_gpu_path_runs_under_bf16_autocast(tmp_path):
     rows = ht.read_metrics(tmp_path)
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
     assert json.loads((tmp_path / ht.RUN_META).read_text())["device"].startswith("cuda")
+
+
+def test_a_run_directory_is_trained_by_one_process_at_a_time(tmp_path):
+    (tmp_path / ".lock").write_text(str(os.getppid()))  # a live process holds it
+    with pytest.raises(ValueError, match="in use by process"):
+        ht.train(tiny_cfg(steps=2, eval_every=2), tmp_path, progress=False)
+    (tmp_path / ".lock").write_text("999999999")  # stale: no such process
+    ht.train(tiny_cfg(steps=2, eval_every=2), tmp_path, progress=False)
+    assert not (tmp_path / ".lock").exists()

@@ -237,6 +237,33 @@ def _comparable(cfg: TrainConfig) -> dict:
     return d
 
 
+class _RunLock:
+    """``out/.lock`` holds the pid of the process training into ``out``; a second process (say two
+    ``compare`` commands sharing an output folder) is refused instead of interleaving two runs' files."""
+
+    def __init__(self, out: Path):
+        self.path = out / ".lock"
+
+    def __enter__(self):
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = int(self.path.read_text() or 0)
+            try:
+                os.kill(pid, 0)
+            except (ProcessLookupError, PermissionError, ValueError, OverflowError):
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                return self.__enter__()
+            raise ValueError(f"run directory {str(self.path.parent)!r} is in use by process {pid}") from None
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+        return False
+
+
 class _StopOnSigint:
     """The first Ctrl-C sets a flag the loop checks between steps (so the checkpoint is of a whole step);
     a second one interrupts at once."""
@@ -282,6 +309,13 @@ def train(
     recipe = resolve_recipe(cfg.recipe, cfg.seed)
     device = resolve_device(cfg.device)
     out = _writable_dir(Path(out))
+    with _RunLock(out):
+        return _train(cfg, out, recipe, device, resume=resume, progress=progress, position=position,
+                      callback=callback)  # fmt: skip
+
+
+def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, *, resume: bool, progress: bool,
+           position: int | None, callback: Callable[[int], None] | None) -> Path:  # fmt: skip
     data = load_tokens(cfg.tokenizer, cfg.data_dir)
     model_cfg = get_preset(cfg.preset, vocab_size=data.vocab_size)
     T, B = model_cfg.block_size, cfg.batch_size
