@@ -17,11 +17,14 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU runs)")
     p.add_argument("--data-dir", default=None, help="token cache and PyPI archives (default ~/.cache/fourbit)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--parallel", default=None, choices=("none", "ddp", "fsdp2"),
+                   help="data parallel under torchrun: ddp or fsdp2 (--batch-size is the global batch)")  # fmt: skip
 
 
 def overrides(args: argparse.Namespace) -> dict:
     return {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "tokenizer": args.tokenizer,
-            "device": args.device, "compile": args.compile or None, "data_dir": args.data_dir}  # fmt: skip
+            "device": args.device, "compile": args.compile or None, "data_dir": args.data_dir,
+            "parallel": args.parallel}  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +51,13 @@ def run(args: argparse.Namespace) -> int:
         return 130
     from ..harness.train import read_metrics
 
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank:
+            return 0
     last = [m for m in read_metrics(out) if m.get("val_loss") is not None][-1]
     print(f"{args.recipe}: step {last['step']}, val loss {last['val_loss']:.4f}; metrics in {out}/metrics.jsonl")
     return 0

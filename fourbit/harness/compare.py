@@ -85,9 +85,15 @@ def compare(
     if jobs == 0:  # CPU: one single-threaded run per core; CUDA: one run at a time owns the GPU
         on_gpu = base.device.startswith("cuda") or (base.device == "auto" and _cuda_available())
         jobs = 1 if on_gpu else min(len(cfgs), os.cpu_count() or 1)
+    if base.parallel != "none":
+        jobs = 1  # under torchrun every rank trains each run together
     if jobs == 1:
         for cfg, path in cfgs:
             train(cfg, path, resume=True, progress=progress)
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return {}  # rank 0 writes the tables and the plot
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor

@@ -21,8 +21,9 @@ and the quantized recipes' reference path computes in FP32 anyway); it is then a
 baseline, which only makes the gaps to it conservative.
 
 The step stays GPU-friendly: losses and grad-norms are accumulated as device tensors and read back
-(``.item()``) only at log intervals. Multi-GPU later: ``BatchSampler(rank=, world_size=)`` shards the global
-batch, ``build_model`` and ``train_step`` are separate functions to wrap with DDP/FSDP.
+(``.item()``) only at log intervals. Data parallel (``parallel="ddp"|"fsdp2"`` under torchrun, ``fourbit/harness/parallel.py``): ``batch_size``
+is the global batch, split evenly over ranks; only rank 0 writes metrics, shows the bar and writes
+``run.json``; checkpoints are sharded DCP directories (``ckpt_dcp/``) that resume on any number of ranks.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -40,6 +42,7 @@ from typing import Callable
 
 import torch
 
+from . import parallel as par
 from .data import BatchSampler, load_tokens, val_windows
 from .model import GPT, GPTConfig, get_preset
 
@@ -73,6 +76,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     data_dir: str | None = None
+    parallel: str = "none"  # "ddp" or "fsdp2" under torchrun
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "eval_every", "eval_tokens", "ckpt_every"):
@@ -85,6 +89,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.seed must be >= 0, got {self.seed}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
+        par.parse(self.parallel)  # ValueError listing the modes
 
 
 # What changes with the preset besides the model (fourbit.harness.model.PRESETS).
@@ -221,6 +226,11 @@ def _fnn():
     return fnn
 
 
+def _scalar(t: torch.Tensor) -> float:
+    """A 0-dim tensor (a DTensor under FSDP2) as a float."""
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS
     if not path.exists():
@@ -232,7 +242,7 @@ def _comparable(cfg: TrainConfig) -> dict:
     """Config fields that must match for a resume (device, compile and data_dir do not change the math
     of a step on the same machine)."""
     d = asdict(cfg)
-    for k in ("device", "compile", "data_dir"):
+    for k in ("device", "compile", "data_dir", "parallel"):
         d.pop(k)
     return d
 
@@ -308,42 +318,56 @@ def train(
     get_preset(cfg.preset)
     recipe = resolve_recipe(cfg.recipe, cfg.seed)
     device = resolve_device(cfg.device)
+    env, device = par.init(cfg.parallel, device)
+    if cfg.batch_size % env.world_size:
+        raise ValueError(f"global batch_size={cfg.batch_size} does not split over {env.world_size} ranks")
     out = _writable_dir(Path(out))
-    with _RunLock(out):
-        return _train(cfg, out, recipe, device, resume=resume, progress=progress, position=position,
-                      callback=callback)  # fmt: skip
+    with _RunLock(out) if env.is_main else nullcontext():  # every rank of a torchrun job trains into out
+        return _train(cfg, out, recipe, device, env, resume=resume, progress=progress and env.is_main,
+                      position=position, callback=callback)  # fmt: skip
 
 
-def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, *, resume: bool, progress: bool,
-           position: int | None, callback: Callable[[int], None] | None) -> Path:  # fmt: skip
+def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, env: par.DistEnv, *, resume: bool,
+           progress: bool, position: int | None, callback: Callable[[int], None] | None) -> Path:  # fmt: skip
     data = load_tokens(cfg.tokenizer, cfg.data_dir)
     model_cfg = get_preset(cfg.preset, vocab_size=data.vocab_size)
     T, B = model_cfg.block_size, cfg.batch_size
 
     # -- model, optimizer, data -----------------------------------------------------------------------------
     raw_model = build_model(model_cfg, recipe, device, seed=cfg.seed)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    opt = make_optimizer(raw_model, cfg, device)
-    sampler = BatchSampler(data.train, B, T, seed=cfg.seed)
+    wrapped = par.wrap(raw_model, env, device)  # DDP / FSDP2 (in place) / the model itself
+    model = torch.compile(wrapped) if cfg.compile else wrapped
+    opt = make_optimizer(raw_model, cfg, device)  # after FSDP2 has sharded the parameters
+    sampler = BatchSampler(data.train, B // env.world_size, T, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
     xv, yv = val_windows(data.val, T, cfg.eval_tokens)
     fnn = _fnn() if recipe is not None else None
     tokens_per_step = B * T
     meta = {"config": asdict(cfg), "model": model_cfg.to_dict(), "recipe": recipe.to_dict() if recipe else None,
             "params": raw_model.num_params(non_embedding=False), "params_non_embedding": raw_model.num_params(),
             "tokens_per_step": tokens_per_step, "train_tokens": data.train.numel(), "val_tokens": data.val.numel(),
-            "val_works": list(data.val_works), "device": str(device), "torch": torch.__version__}  # fmt: skip
+            "val_works": list(data.val_works), "device": str(device), "torch": torch.__version__,
+            "world_size": env.world_size}  # fmt: skip
 
     # -- resume -------------------------------------------------------------------------------------------
     start, loss_sum, n_in_interval = 0, torch.zeros((), device=device), 0
     ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
-    if resume and ckpt_path.exists():
+    # the newer of the single-process checkpoint and the sharded one (written by torchrun runs)
+    plain_step = int(torch.load(ckpt_path, weights_only=True)["step"]) if resume and ckpt_path.exists() else None
+    sharded_step = par.sharded_step(out) if resume else None
+    use_sharded = sharded_step is not None and (plain_step is None or sharded_step >= plain_step)
+    if env.mode is par.Parallel.FSDP2 and plain_step is not None and not use_sharded:
+        raise ValueError(f"{str(out)!r} holds a single-process checkpoint; FSDP2 resumes sharded (ckpt_dcp) ones")
+    if resume and (plain_step is not None or sharded_step is not None):
         old = json.loads((out / RUN_META).read_text())["config"]
         diff = {k: (old.get(k), v) for k, v in _comparable(cfg).items() if old.get(k) != v}
         if diff:
             raise ValueError(f"cannot resume {str(out)!r} with a different config: {diff}")
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        raw_model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        if use_sharded:
+            ck = par.load_sharded(out, raw_model, opt, device)
+        else:
+            ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+            raw_model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
         start, n_in_interval = int(ck["step"]), int(ck["n_in_interval"])
         loss_sum = ck["loss_sum"].to(device)
         torch.set_rng_state(ck["torch_rng"])
@@ -352,24 +376,34 @@ def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, *, resume:
         if fnn is not None and ck.get("fourbit_rng") is not None:
             fnn.load_rng_state(raw_model, ck["fourbit_rng"])
         kept = [m for m in read_metrics(out) if m["step"] <= start]
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        if env.is_main:
+            metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
         if start >= cfg.steps:
             return out
     else:
-        (out / RUN_META).write_text(json.dumps(meta, indent=1) + "\n")
-        metrics_path.write_text("")
-        ckpt_path.unlink(missing_ok=True)
+        if env.is_main:
+            (out / RUN_META).write_text(json.dumps(meta, indent=1) + "\n")
+            metrics_path.write_text("")
+            ckpt_path.unlink(missing_ok=True)
+            shutil.rmtree(out / par.SHARDED_CHECKPOINT, ignore_errors=True)
+        if env.distributed:
+            torch.distributed.barrier()
 
     def save(step: int) -> None:
-        _atomic_save({
-            "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-            "loss_sum": loss_sum.detach().cpu(), "n_in_interval": n_in_interval,
+        state = {
+            "step": step, "loss_sum": loss_sum.detach().cpu(), "n_in_interval": n_in_interval,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "fourbit_rng": fnn.rng_state(raw_model) if fnn is not None else None,
-        }, ckpt_path)  # fmt: skip
+        }  # fmt: skip
+        if env.distributed:
+            par.save_sharded(out, raw_model, opt, state, env)
+        else:
+            _atomic_save({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), **state}, ckpt_path)
 
     def log(record: dict) -> None:
+        if not env.is_main:
+            return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -400,12 +434,12 @@ def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, *, resume:
                 steps_in_timing += 1
                 done = step + 1
                 if done % cfg.log_every == 0 or done == cfg.steps:
-                    train_loss = float(loss_sum) / n_in_interval  # the one host sync per interval
+                    train_loss = float(par.all_mean(loss_sum, env)) / n_in_interval  # the one host sync per interval
                     now = time.perf_counter()
                     rate = steps_in_timing * tokens_per_step / max(now - t_interval, 1e-9)  # excludes eval
                     val = evaluate(model, xv, yv, 4 * B, device) if done % cfg.eval_every == 0 or done == cfg.steps else None
                     log({"step": done, "tokens": done * tokens_per_step, "train_loss": train_loss, "val_loss": val,
-                         "lr": lr_at(step, cfg), "grad_norm": float(gnorm), "tokens_per_s": rate,
+                         "lr": lr_at(step, cfg), "grad_norm": _scalar(gnorm), "tokens_per_s": rate,
                          "elapsed_s": now - t_run})  # fmt: skip
                     loss_sum, n_in_interval, steps_in_timing = torch.zeros((), device=device), 0, 0
                     if bar is not None:
@@ -418,7 +452,7 @@ def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, *, resume:
                     t_interval = time.perf_counter()  # the next interval's clock starts after eval and save
                 if callback is not None:
                     callback(done)
-                if stop.requested:
+                if par.any_flag(stop.requested, env, device):
                     save(done)
                     raise KeyboardInterrupt(f"interrupted after step {done}; checkpoint saved in {out}")
     finally:
