@@ -43,12 +43,12 @@ class MLPKind(enum.Enum):
 
 @dataclass(frozen=True)
 class GPTConfig:
-    vocab_size: int = 19379  # the dense GPT-2 vocabulary of the Shakespeare corpus (fourbit.harness.data)
+    vocab_size: int = 3406  # dense ids of the corpus under gpt2-4k (fourbit.harness.data); 19,379 under gpt2
     block_size: int = 128  # context length T
-    n_layer: int = 6
+    n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128  # C
-    mlp_hidden: int = 384  # H; SwiGLU's 3C keeps its parameter count near GELU's 4C
+    mlp_hidden: int = 256  # H: SwiGLU's c_fc is C -> 2H, so H = 2C costs 6C^2 per MLP (GELU at 4C: 8C^2)
     positions: Positions = Positions.ROPE
     mlp: MLPKind = MLPKind.SWIGLU
     rope_base: float = 10000.0
