@@ -80,9 +80,21 @@ def quantize(x, config, *, rounding, seed, amax, pad, backend):
 
 
 def qmm(a, b, *, out_dtype: torch.dtype = torch.float32):
-    """``A @ B^T`` for NVFP4 ``QuantizedTensor``s quantized along K, or None where the kernel does not apply."""
+    """``A @ B^T`` for NVFP4 or FP8 ``QuantizedTensor``s quantized along K, or None where no kernel applies.
+
+    FP8 runs on the FP8 tensor cores through ``scaled_mm`` (``fp8_mm``): per-tensor operands return
+    ``out_dtype``; DeepSeek blockwise ones return BF16 (what cuBLAS's blockwise path writes), cast.
+    """
+    from ..schemes import FP8Config
     from .fp8_gemm import nvfp4_mm_native
     from .nvfp4_gemm import qmm as _qmm
+
+    if isinstance(getattr(a, "config", None), FP8Config) and isinstance(getattr(b, "config", None), FP8Config):
+        from .fp8_gemm import fp8_mm as _fp8_mm
+
+        blockwise = a.config.block is not None
+        out = _fp8_mm(a, b, out_dtype=torch.bfloat16 if blockwise else out_dtype)
+        return None if out is None else out.to(out_dtype)
 
     native = nvfp4_mm_native(a, b, out_dtype=out_dtype)  # Blackwell (sm100+) only; None elsewhere
     if native is not None:
