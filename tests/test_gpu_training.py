@@ -14,6 +14,7 @@ from fourbit.recipes import HighPrecision
 # cores, FP32 sums): outputs agree to float32 accumulation error. cuBLAS's blockwise FP8 GEMM writes BF16
 # (8 significant bits), so fp8-blockwise agrees to BF16 rounding of each GEMM output.
 GEMM_TOL = {"nvfp4": 1e-4, "mxfp4": 1e-4, "fp8": 1e-4, "fp8-blockwise": 2e-2}
+GRAD_REL_TOL = 2e-2  # a handful of one-step flips among ~10^5 elements, or BF16 output rounding
 
 
 def model(recipe: str, device: str) -> nn.Module:
@@ -35,8 +36,13 @@ def test_cuda_layers_match_cpu_reference(recipe):
         y.square().mean().backward()
         outs[device] = [y.detach().cpu(), xd.grad.cpu()] + [p.grad.cpu() for p in m.parameters()]
     tol = GEMM_TOL[recipe]
-    for a, b in zip(outs["cpu"], outs["cuda"]):
-        torch.testing.assert_close(b, a, rtol=tol, atol=tol * float(a.abs().max()))
+    y_cpu, y_gpu = outs["cpu"][0], outs["cuda"][0]
+    torch.testing.assert_close(y_gpu, y_cpu, rtol=tol, atol=tol * float(y_cpu.abs().max()))
+    # Gradients pass through a second, GPU-computed quantization of dy: an ulp of accumulation-order
+    # difference can move a value across a rounding threshold (RNE tie or SR draw), changing that element
+    # by one FP4 step. Compare them in aggregate.
+    for a, b in zip(outs["cpu"][1:], outs["cuda"][1:]):
+        assert float((b - a).norm() / a.norm()) < GRAD_REL_TOL
 
 
 @pytest.mark.gpu
