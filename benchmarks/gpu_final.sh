@@ -14,12 +14,17 @@ STEPS=${STEPS:-200}
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cap', torch.cuda.get_device_capability())"
 } 2>&1 | tee $OUT/env.log
 
-timeout ${T_TESTS:-170} python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tail -40 | tee $OUT/tests.log
+timeout ${T_TESTS:-170} python3 -m pytest -q -p no:cacheprovider -m gpu tests/ --tb=short > $OUT/tests.log 2>&1; tail -15 $OUT/tests.log
+
+[[ ${PHASES:-all} == tests ]] && { timeout 120 python3 -c "
+from fourbit.harness.train import train, train_config
+train(train_config('gpu', recipe='nvfp4', steps=3, data_dir='$DATA'), '/tmp/diag', progress=False)
+print(open('/tmp/diag/metrics.jsonl').read())" > $OUT/diag.log 2>&1; tail -30 $OUT/diag.log; exit 0; }
 
 timeout ${T_FSDP:-100} torchrun --standalone --nproc_per_node 1 -m fourbit.cli train --recipe nvfp4 --preset gpu \
-  --parallel fsdp2 --steps 20 --out /tmp/fsdp2 --data-dir $DATA --no-progress 2>&1 | grep -v Warning | tail -5 | tee $OUT/fsdp2.log
+  --parallel fsdp2 --steps 20 --out /tmp/fsdp2 --data-dir $DATA --no-progress > $OUT/fsdp2.log 2>&1; tail -5 $OUT/fsdp2.log
 tail -2 /tmp/fsdp2/metrics.jsonl >> $OUT/fsdp2.log
 
-timeout ${T_COMPARE:-300} fourbit compare --preset gpu --steps $STEPS --out /tmp/cmp --data-dir $DATA --no-progress \
-  2>&1 | grep -v Warning | tail -30 | tee $OUT/compare.log
+timeout ${T_COMPARE:-300} python3 -m fourbit.cli compare --preset gpu --steps $STEPS --out /tmp/cmp --data-dir $DATA --no-progress \
+  > $OUT/compare.log 2>&1; tail -30 $OUT/compare.log
 tar czf $OUT/compare.tgz --exclude='*.pt' --exclude='ckpt_dcp' --exclude='.lock' -C /tmp cmp

@@ -31,7 +31,7 @@ def test_cuda_layers_match_cpu_reference(recipe):
     outs = {}
     for device in ("cpu", "cuda"):
         m = model(recipe, device)
-        xd = x.to(device).requires_grad_()
+        xd = x.clone().to(device).requires_grad_()  # a fresh leaf per device
         y = m(xd)
         y.square().mean().backward()
         outs[device] = [y.detach().cpu(), xd.grad.cpu()] + [p.grad.cpu() for p in m.parameters()]
@@ -62,4 +62,6 @@ def test_compiled_quantized_model_trains_like_eager():
             opt.zero_grad()
             out.append(loss.item())
         losses[compiled] = out
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    # compiled kernels for the unquantized parts (GELU, the loss) round differently in the last bit, which
+    # can move a value across an FP4 rounding boundary after an update: agreement to 1e-2, not bitwise
+    assert losses[True] == pytest.approx(losses[False], rel=1e-2)

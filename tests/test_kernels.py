@@ -210,8 +210,20 @@ def test_qmm_padded_k_and_configs():
 
 @gpu
 def test_qmm_declines_other_schemes():
-    a = fourbit.quantize(torch.randn(32, 64, device="cuda"), "fp8")
+    a = fourbit.quantize(torch.randn(32, 64, device="cuda"), "mxfp4")
     assert K.qmm(a, a) is None
+
+
+@gpu
+def test_qmm_runs_fp8_on_scaled_mm():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = fourbit.quantize(torch.randn(64, 256, device="cuda", generator=g), "fp8")
+    b = fourbit.quantize(torch.randn(32, 256, device="cuda", generator=g), "fp8")
+    ref = a.dequantize().double() @ b.dequantize().double().T
+    out = K.qmm(a, b)
+    assert out.dtype == torch.float32
+    # FP8 x FP8 products are exact in FP32; only the summation order of K = 256 terms differs
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
 @gpu
