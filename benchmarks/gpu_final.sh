@@ -6,7 +6,8 @@
 # Usage (on the GPU machine, repo root, data cache in DATA): OUT=/tmp/out DATA=.gpucache bash benchmarks/gpu_final.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=. NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-DATA=${DATA:-.gpucache}
+DATA=${DATA:-.gpucache/fourbit}
+export XDG_CACHE_HOME=$(cd "$(dirname "$DATA")" && pwd)  # default_data_dir() = $XDG_CACHE_HOME/fourbit, for the tests
 STEPS=${STEPS:-200}
 {
   date -u

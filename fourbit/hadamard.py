@@ -12,6 +12,7 @@ arXiv 2509.25149: 16x16 RHT on both Wgrad inputs along the token dim, one sign v
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,12 @@ class RHT:
         return rht(x, dim, transform=self)
 
 
+@functools.lru_cache(maxsize=64)
+def _matrix_on(transform: RHT, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The transform's matrix, built once per (transform, dtype, device)."""
+    return transform.matrix(dtype).to(device)
+
+
 def rht(x: torch.Tensor, dim: int = -1, *, transform: RHT = RHT()) -> torch.Tensor:
     """Apply the RHT to consecutive blocks of ``transform.size`` along ``dim`` (float32 or float64 math)."""
     n = transform.size
@@ -67,5 +74,5 @@ def rht(x: torch.Tensor, dim: int = -1, *, transform: RHT = RHT()) -> torch.Tens
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     xt = x.to(dtype).movedim(dim, -1)
     blocks = xt.reshape(*xt.shape[:-1], -1, n)  # (..., C/n, n)
-    out = (blocks @ transform.matrix(dtype)).reshape(xt.shape)
+    out = (blocks @ _matrix_on(transform, dtype, x.device)).reshape(xt.shape)
     return out.movedim(-1, dim)

@@ -13,8 +13,11 @@ from fourbit.recipes import HighPrecision
 # The GPU quantizes bit-exactly (tests/test_kernels.py) but accumulates GEMMs in another order (tensor
 # cores, FP32 sums): outputs agree to float32 accumulation error. cuBLAS's blockwise FP8 GEMM writes BF16
 # (8 significant bits), so fp8-blockwise agrees to BF16 rounding of each GEMM output.
-GEMM_TOL = {"nvfp4": 1e-4, "mxfp4": 1e-4, "fp8": 1e-4, "fp8-blockwise": 2e-2}
-GRAD_REL_TOL = 2e-2  # a handful of one-step flips among ~10^5 elements, or BF16 output rounding
+# FP8 runs on Hopper's FP8 tensor cores (scaled_mm), whose accumulation keeps ~14 significant bits
+# (DeepSeek-V3 section 3.5.2; see fourbit/accumulation.py): ~2e-4 of the output's scale at these sizes.
+GEMM_TOL = {"nvfp4": 1e-4, "mxfp4": 1e-4, "fp8": 2e-3, "fp8-blockwise": 2e-2}
+# a handful of one-step flips among ~10^5 elements (more for FP8's 2-3 mantissa bits), or BF16 rounding
+GRAD_REL_TOL = {"nvfp4": 2e-2, "mxfp4": 2e-2, "fp8": 5e-2, "fp8-blockwise": 5e-2}
 
 
 def model(recipe: str, device: str) -> nn.Module:
@@ -42,7 +45,7 @@ def test_cuda_layers_match_cpu_reference(recipe):
     # difference can move a value across a rounding threshold (RNE tie or SR draw), changing that element
     # by one FP4 step. Compare them in aggregate.
     for a, b in zip(outs["cpu"][1:], outs["cuda"][1:]):
-        assert float((b - a).norm() / a.norm()) < GRAD_REL_TOL
+        assert float((b - a).norm() / a.norm()) < GRAD_REL_TOL[recipe]
 
 
 @pytest.mark.gpu

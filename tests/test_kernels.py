@@ -222,8 +222,9 @@ def test_qmm_runs_fp8_on_scaled_mm():
     ref = a.dequantize().double() @ b.dequantize().double().T
     out = K.qmm(a, b)
     assert out.dtype == torch.float32
-    # FP8 x FP8 products are exact in FP32; only the summation order of K = 256 terms differs
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    # FP8 x FP8 products are exact, but Hopper's FP8 tensor cores accumulate with ~14 significant bits
+    # (DeepSeek-V3 section 3.5.2): errors up to ~2^-13 of the running sum, not FP32 round-off
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-3 * float(ref.abs().max()))
 
 
 @gpu
