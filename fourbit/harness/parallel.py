@@ -156,4 +156,4 @@ def load_sharded(out: Path, model: nn.Module, opt: torch.optim.Optimizer, device
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return torch.load(path / _LOOP_STATE, map_location=device, weights_only=True)
+    return torch.load(path / _LOOP_STATE, map_location="cpu", weights_only=True)  # RNG states stay on the CPU

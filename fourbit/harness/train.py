@@ -370,9 +370,9 @@ def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, env: par.D
             opt.load_state_dict(ck["optimizer"])
         start, n_in_interval = int(ck["step"]), int(ck["n_in_interval"])
         loss_sum = ck["loss_sum"].to(device)
-        torch.set_rng_state(ck["torch_rng"])
+        torch.set_rng_state(ck["torch_rng"].cpu())  # RNG states are CPU ByteTensors, whatever map_location did
         if device.type == "cuda" and ck.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ck["cuda_rng"], device)
+            torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
         if fnn is not None and ck.get("fourbit_rng") is not None:
             fnn.load_rng_state(raw_model, ck["fourbit_rng"])
         kept = [m for m in read_metrics(out) if m["step"] <= start]
