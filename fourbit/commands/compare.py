@@ -35,13 +35,10 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nfourbit compare: interrupted; checkpoints saved, rerun the same command to resume", file=sys.stderr)
         return 130
-    import torch.distributed as dist
+    from ..harness.parallel import finish
 
-    if dist.is_initialized():
-        rank = dist.get_rank()
-        dist.destroy_process_group()
-        if rank:
-            return 0
+    if not finish():
+        return 0  # ranks other than 0 of a torchrun job print nothing
     print((__import__("pathlib").Path(out) / "summary.md").read_text())
     print(f"plot: {out}/loss.png")
     return 0

@@ -51,13 +51,10 @@ def run(args: argparse.Namespace) -> int:
         return 130
     from ..harness.train import read_metrics
 
-    import torch.distributed as dist
+    from ..harness.parallel import finish
 
-    if dist.is_initialized():
-        rank = dist.get_rank()
-        dist.destroy_process_group()
-        if rank:
-            return 0
+    if not finish():
+        return 0  # ranks other than 0 of a torchrun job print nothing
     last = [m for m in read_metrics(out) if m.get("val_loss") is not None][-1]
     print(f"{args.recipe}: step {last['step']}, val loss {last['val_loss']:.4f}; metrics in {out}/metrics.jsonl")
     return 0

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Parallel", "DistEnv", "init", "wrap", "all_mean", "any_flag", "save_sharded", "load_sharded",
+__all__ = ["Parallel", "DistEnv", "init", "wrap", "finish", "all_mean", "any_flag", "save_sharded", "load_sharded",
            "SHARDED_CHECKPOINT"]  # fmt: skip
 
 SHARDED_CHECKPOINT = "ckpt_dcp"
@@ -104,6 +104,16 @@ def wrap(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
         fully_shard(block)
     fully_shard(model)
     return model
+
+
+def finish() -> bool:
+    """Leave the torchrun job (destroy the process group) if in one; True on rank 0 or without one,
+    i.e. where the command should print its result."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    return rank == 0
 
 
 def all_mean(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
