@@ -32,6 +32,8 @@ def token_windows(ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
+    if isinstance(out, tuple):  # the harness GPT returns (logits, loss)
+        out = out[0]
     return out.logits if hasattr(out, "logits") else out
 
 
@@ -80,6 +82,40 @@ def load_hf_model(spec: str, dtype: torch.dtype = torch.float32):
     except (OSError, ValueError):
         tok = None
     return model, tok
+
+
+def is_harness_run(spec: str) -> bool:
+    return (Path(spec) / "run.json").is_file()
+
+
+def load_harness_run(run_dir: str | Path) -> tuple[nn.Module, torch.Tensor]:
+    """(the evidence harness's GPT with its trained weights, the held-out validation token ids) from a run
+    directory of ``fourbit train`` (``run.json`` plus ``ckpt.pt`` or the sharded ``ckpt_dcp``).
+
+    The model is built plain (``nn.Linear`` everywhere; a quantized-training checkpoint has the same keys), so
+    ``ptq`` starts from the high-precision master weights. Held-out text is the run's own validation plays,
+    tokenized by its tokenizer."""
+    import json
+
+    from .harness.data import load_tokens
+    from .harness.model import GPT, GPTConfig
+
+    run_dir = Path(run_dir)
+    meta = json.loads((run_dir / "run.json").read_text())
+    model = GPT(GPTConfig(**meta["model"]))
+    if (run_dir / "ckpt.pt").is_file():
+        state = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=True)["model"]
+        model.load_state_dict(state)
+    elif (run_dir / "ckpt_dcp").is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=str(run_dir / "ckpt_dcp"))
+        model.load_state_dict(state["model"])
+    else:
+        raise FileNotFoundError(f"{run_dir}: no ckpt.pt or ckpt_dcp checkpoint")
+    cfg = meta["config"]
+    return model.eval(), load_tokens(cfg["tokenizer"], cfg.get("data_dir")).val
 
 
 def model_nbytes(model: nn.Module, dtype_bytes: int = 2) -> int:

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--activations", action="store_true", help="also evaluate weight+activation quantization rows")
     p.add_argument("--four-over-six", action="store_true", help="NVFP4 weights: per-block map-to-4 or map-to-6")
     p.add_argument("--rht", action="store_true", help="rotate weights and inputs by a 16x16 RHT (not exportable)")
-    p.add_argument("--eval", required=True, metavar="TEXT_FILE", help="held-out text to score")
+    p.add_argument("--eval", default=None, metavar="TEXT_FILE",
+                   help="held-out text to score (a `fourbit train` run directory scores its own validation plays)")
     p.add_argument("--max-tokens", type=int, default=3072, help="tokens scored (after the calibration tokens)")
     p.add_argument("--calib-tokens", type=int, default=512, help="leading tokens used only for calibration")
     p.add_argument("--seq-len", type=int, default=512)
@@ -46,30 +47,38 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..eval import load_hf_model, model_nbytes, perplexity
+    from ..eval import is_harness_run, load_harness_run, load_hf_model, model_nbytes, perplexity
     from ..export import export
     from ..ptq import ptq
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    text_path = Path(args.eval)
-    if not text_path.exists():
-        raise FileNotFoundError(f"no text file {text_path}")
     t0 = time.time()
-    base, tok = load_hf_model(args.model)
-    if tok is None:
-        raise ValueError(f"{args.model}: no tokenizer found next to the model")
+    harness = is_harness_run(args.model)
+    if harness:  # a `fourbit train` run: its GPT and its held-out plays
+        base, ids = load_harness_run(args.model)
+        tok, text_name = None, "the run's validation plays"
+        args.seq_len = min(args.seq_len, base.config.block_size)
+    else:
+        if args.eval is None:
+            raise ValueError("--eval TEXT_FILE is required for a Hugging Face / GGUF model")
+        text_path = Path(args.eval)
+        if not text_path.exists():
+            raise FileNotFoundError(f"no text file {text_path}")
+        base, tok = load_hf_model(args.model)
+        if tok is None:
+            raise ValueError(f"{args.model}: no tokenizer found next to the model")
+        ids, text_name = tok(text_path.read_text(), return_tensors="pt").input_ids[0], text_path.name
     with torch.no_grad():  # the baseline: bf16 weights, float32 compute
         for t in list(base.parameters()) + list(base.buffers()):
             if t.is_floating_point():
                 t.copy_(t.to(torch.bfloat16).float())
-    ids = tok(text_path.read_text(), return_tensors="pt").input_ids[0]
     need = args.calib_tokens + args.max_tokens
     if ids.numel() < args.calib_tokens + 2:
-        raise ValueError(f"{text_path} has {ids.numel()} tokens, fewer than --calib-tokens {args.calib_tokens} + 2")
+        raise ValueError(f"{text_name} has {ids.numel()} tokens, fewer than --calib-tokens {args.calib_tokens} + 2")
     calib = [ids[i : i + args.seq_len][None] for i in range(0, args.calib_tokens, args.seq_len)]
     scored = ids[args.calib_tokens : need]
     print(f"model {args.model}: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, loaded in "
-          f"{time.time() - t0:.0f}s; scoring {scored.numel()} tokens of {text_path.name} "
+          f"{time.time() - t0:.0f}s; scoring {scored.numel()} tokens of {text_name} "
           f"(after {args.calib_tokens} calibration tokens), windows of {args.seq_len}")
 
     rows = [("bf16", None, False)]
@@ -97,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         if args.export and scheme == "nvfp4" and not args.rht:
             out = Path(args.export) / ("nvfp4-w4a4" if act else "nvfp4-w4a16")
             export(model, out, args.layout)
-            tok.save_pretrained(str(out))
+            if tok is not None:
+                tok.save_pretrained(str(out))
             print(f"  exported to {out} ({args.layout}): {_dir_bytes(out) / 1e6:.1f} MB on disk", flush=True)
         if model is not base:
             del model
