@@ -156,7 +156,7 @@ def sharded_step(out: Path) -> int | None:
     return int(torch.load(p, weights_only=True)["step"]) if p.exists() else None
 
 
-def load_sharded(out: Path, model: nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> dict:
+def load_sharded(out: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
     """Load ``out/ckpt_dcp`` into this (possibly differently sharded) model and optimizer; returns the loop state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict

@@ -363,7 +363,7 @@ def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, env: par.D
         if diff:
             raise ValueError(f"cannot resume {str(out)!r} with a different config: {diff}")
         if use_sharded:
-            ck = par.load_sharded(out, raw_model, opt, device)
+            ck = par.load_sharded(out, raw_model, opt)
         else:
             ck = torch.load(ckpt_path, map_location=device, weights_only=True)
             raw_model.load_state_dict(ck["model"])
