@@ -11,6 +11,8 @@ from fourbit.export import CheckpointError, export, load_quantized
 from fourbit.ptq import QuantizedLinear, ptq, quantized_linears
 
 transformers = pytest.importorskip("transformers")
+
+from hf_models import tiny_llama  # noqa: E402
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 LAYOUTS = ["modelopt", "compressed-tensors"]
@@ -21,15 +23,6 @@ SCALE_ULPS = 1
 # two or three float32 roundings apart, so relative 4 * 2^-24
 CT_DEQUANT_RTOL = 4 * 2.0**-24
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-
-
-def tiny_llama(tie: bool = True, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def calib():

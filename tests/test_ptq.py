@@ -15,17 +15,10 @@ from fourbit.ptq import QuantizedLinear, amax_for_encode_scale, ptq, quantized_l
 
 transformers = pytest.importorskip("transformers")
 
+from hf_models import tiny_llama  # noqa: E402
+
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # OCP MX v1.0 table 5, codes 0..7
 MAX_STABLE_ULPS = 64  # stable_input_amax moves the calibrated amax up by at most this many float32 ulps
-
-
-def tiny_llama(tie: bool = True, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def batches(n=3, seed=1):

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..quantize import quantize
 from ..schemes import SchemeConfig, resolve_scheme
-from .convert import KEPT, ConversionReport, LayerReport, _never_quantized, _set_child, find_blocks
+from .convert import KEPT, ON_MISMATCH, ConversionReport, LayerReport, _never_quantized, _set_child, find_blocks
 
 __all__ = ["QATLinear", "fake_quantize", "qat"]
 
@@ -81,8 +81,8 @@ def qat(
     if not isinstance(model, nn.Module):
         raise TypeError(f"qat expects an nn.Module, got {type(model).__name__}")
     config = resolve_scheme(scheme)
-    if on_mismatch not in ("raise", "skip"):
-        raise ValueError(f"on_mismatch must be 'raise' or 'skip', got {on_mismatch!r}")
+    if on_mismatch not in ON_MISMATCH:
+        raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
     never = _never_quantized(model, find_blocks(model))
     plan = []
     for name, m in model.named_modules():
