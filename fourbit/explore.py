@@ -88,6 +88,16 @@ def summarize(tensors: dict[str, torch.Tensor]) -> dict:
     }
 
 
+
+def _save(fig, path: Path) -> Path:
+    """Write a figure (tight layout, 110 dpi), close it, and return its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
 def explore(
     tensors: dict[str, torch.Tensor], out_dir: str | Path, title: str = "", summary: dict | None = None
 ) -> list[Path]:
@@ -117,10 +127,7 @@ def explore(
     ax.set_title(f"Block error, {what} ({n / 1e6:.2f}M values)")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    paths.append(out / "ptq_block_error.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out / "ptq_block_error.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     sc = summary["nvfp4_scales"]
@@ -133,10 +140,7 @@ def explore(
     ax.set_ylabel("blocks")
     ax.set_title(f"NVFP4 block scales, {what}")
     ax.legend()
-    paths.append(out / "ptq_nvfp4_scales.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out / "ptq_nvfp4_scales.png"))
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
     layers = list(summary["per_layer"])
@@ -149,8 +153,5 @@ def explore(
     ax.set_title(f"Flushed to zero, {what}")
     ax.grid(alpha=0.3)
     ax.legend()
-    paths.append(out / "ptq_flush_to_zero.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out / "ptq_flush_to_zero.png"))
     return paths

@@ -150,6 +150,16 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def check_swap_args(fn: str, model, skip, on_mismatch: str) -> None:
+    """The argument checks shared by ``convert`` and ``qat``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn} expects an nn.Module, got {type(model).__name__}")
+    if on_mismatch not in ON_MISMATCH:
+        raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
+    if skip is not None and not callable(skip):
+        raise TypeError(f"skip must be a callable (name, module) -> bool, got {type(skip).__name__}")
+
+
 def convert(
     model: nn.Module,
     recipe: Recipe | str,
@@ -158,13 +168,8 @@ def convert(
     on_mismatch: str = "raise",
 ) -> ConversionReport:
     """Swap the model's ``nn.Linear`` modules for ``QuantLinear`` in place (see the module docstring)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    check_swap_args("convert", model, skip, on_mismatch)
     recipe = get_recipe(recipe)
-    if on_mismatch not in ON_MISMATCH:
-        raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
-    if skip is not None and not callable(skip):
-        raise TypeError(f"skip must be a callable (name, module) -> bool, got {type(skip).__name__}")
 
     blocks = find_blocks(model)
     hp_blocks = recipe.high_precision.blocks(len(blocks[1])) if blocks else frozenset()

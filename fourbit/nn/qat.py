@@ -21,7 +21,7 @@ from torch import nn
 
 from ..quantize import quantize
 from ..schemes import SchemeConfig, resolve_scheme
-from .convert import KEPT, ON_MISMATCH, ConversionReport, LayerReport, _never_quantized, _set_child, find_blocks
+from .convert import KEPT, ConversionReport, LayerReport, _never_quantized, _set_child, check_swap_args, find_blocks
 
 __all__ = ["QATLinear", "fake_quantize", "qat"]
 
@@ -78,11 +78,8 @@ def qat(
     on_mismatch: str = "raise",
 ) -> ConversionReport:
     """Insert fake quantization into the model's Linears in place; returns what became of each."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"qat expects an nn.Module, got {type(model).__name__}")
+    check_swap_args("qat", model, skip, on_mismatch)
     config = resolve_scheme(scheme)
-    if on_mismatch not in ON_MISMATCH:
-        raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
     never = _never_quantized(model, find_blocks(model))
     plan = []
     for name, m in model.named_modules():
