@@ -177,10 +177,12 @@ def quantize(
     if rounding is Rounding.STOCHASTIC and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()))
 
-    if backend != "reference" and sr_index is None:
+    if backend != "reference":
         from . import kernels
 
-        q = kernels.quantize(x, config, rounding=rounding, seed=seed, amax=amax, pad=pad, backend=backend)
+        q = kernels.quantize(
+            x, config, rounding=rounding, seed=seed, amax=amax, pad=pad, backend=backend, sr_index=sr_index
+        )
         if q is not None:
             return q
 

@@ -13,6 +13,7 @@ import torch
 
 import fourbit
 import fourbit.kernels as K
+from fourbit.rounding import ElementIndex
 from fourbit.kernels.swizzle import blocked_offset, from_blocked, to_blocked
 from kernel_cases import BF16_OUT_RTOL, assert_same_bytes, edge_input, gemm_check, grid_operand
 
@@ -124,6 +125,29 @@ def test_nvfp4_large_index_stochastic():
     codes, scales, _ = quantize_nvfp4(tail, q.config, Rounding.STOCHASTIC, bits, amax)
     assert torch.equal(q.data[-16:].cpu(), pack_fp4(codes))
     assert torch.equal(q.scales[-16:].view(torch.uint8).cpu(), scales.view(torch.uint8))
+
+
+@gpu
+@pytest.mark.parametrize("block", [(1, 16), (16, 16)], ids=["1x16", "16x16"])
+@pytest.mark.parametrize(
+    "index", [ElementIndex(32, 0, None), ElementIndex(2**26 + 16, 48, 4096), ElementIndex(0, 16, 512)],
+    ids=["rows", "past-2^32", "cols"],
+)
+def test_nvfp4_stochastic_element_index(block, index):
+    """A shard quantized with its place in the whole (ElementIndex) takes the reference's bits, and the
+    row shards of a matrix reassemble the whole matrix's quantization when they share its amax."""
+    x = torch.randn(64, 256, generator=_gen(8)).cuda()
+    kw = dict(block=block, rounding="stochastic", seed=21, sr_index=index)
+    got = fourbit.quantize(x, "nvfp4", backend="triton", **kw)
+    assert_same_bytes(got, fourbit.quantize(x.cpu(), "nvfp4", backend="reference", **kw))
+    whole = fourbit.quantize(x, "nvfp4", block=block, rounding="stochastic", seed=21, backend="triton")
+    amax = x.abs().max()
+    parts = [
+        fourbit.quantize(x[r : r + 32], "nvfp4", block=block, rounding="stochastic", seed=21, amax=amax,
+                         sr_index=ElementIndex(row_offset=r), backend="triton")
+        for r in (0, 32)
+    ]
+    assert torch.equal(torch.cat([p.data for p in parts]), whole.data)
 
 
 # --- dispatch and bad input ------------------------------------------------------------------------

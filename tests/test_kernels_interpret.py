@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fourbit
-from fourbit.rounding import Rounding
+from fourbit.rounding import ElementIndex, Rounding
 from fourbit.schemes import NVFP4Config
 from kernel_cases import BF16_TRUNC_RTOL, assert_same_bytes, edge_input, gemm_check, grid_operand
 
@@ -55,12 +55,14 @@ if INTERPRET:
             importlib.reload(sys.modules[f"fourbit.kernels.{_name}"])
 
 
-def _kernel_quantize(x, block=(1, 16), rounding="nearest", seed=None, amax=None, pad=False):
+def _kernel_quantize(x, block=(1, 16), rounding="nearest", seed=None, amax=None, pad=False, sr_index=None):
     from fourbit.kernels.nvfp4_quantize import quantize_nvfp4
     from fourbit.quantize import QuantizedTensor
 
     config = NVFP4Config(block=block)
-    data, scales, ts = quantize_nvfp4(x, config, Rounding.parse(rounding), seed, amax, pad, tile=256, max_blocks=4)
+    data, scales, ts = quantize_nvfp4(
+        x, config, Rounding.parse(rounding), seed, amax, pad, sr_index, tile=256, max_blocks=4
+    )
     return QuantizedTensor(data, scales, ts, config, x.shape, x.dtype)
 
 
@@ -93,6 +95,15 @@ def test_quantize_pad_nonfinite_amax(block):
     y = torch.randn(16, 64)
     want = fourbit.quantize(y, "nvfp4", block=block, amax=0.25, backend="reference")
     assert_same_bytes(_kernel_quantize(y, block, amax=0.25), want)
+
+
+@pytest.mark.parametrize("block", [(1, 16), (16, 16)], ids=["1x16", "16x16"])
+def test_quantize_stochastic_element_index(block):
+    """Global SR indices (data-parallel shards): row/col offsets and a row stride, the high word included."""
+    x = torch.randn(32, 64)
+    index = ElementIndex(row_offset=2**27 + 16, col_offset=32, row_stride=1024)
+    want = fourbit.quantize(x, "nvfp4", block=block, rounding="stochastic", seed=5, sr_index=index, backend="reference")
+    assert_same_bytes(_kernel_quantize(x, block, "stochastic", 5, sr_index=index), want)
 
 
 def test_qmm_and_w4a16():

@@ -55,7 +55,7 @@ def _unsupported(config, x, rounding) -> str | None:
     return None
 
 
-def quantize(x, config, *, rounding, seed, amax, pad, backend):
+def quantize(x, config, *, rounding, seed, amax, pad, backend, sr_index=None):
     """The kernel for ``fourbit.quantize`` (inputs already validated there), or None to use the reference."""
     if backend == "triton" and not x.is_cuda:
         raise ValueError(f"backend='triton' needs a CUDA tensor, got one on {x.device}; use backend='reference'")
@@ -75,7 +75,7 @@ def quantize(x, config, *, rounding, seed, amax, pad, backend):
     from ..quantize import QuantizedTensor
     from .nvfp4_quantize import quantize_nvfp4
 
-    data, scales, tensor_scale = quantize_nvfp4(x, config, rounding, seed, amax, pad)
+    data, scales, tensor_scale = quantize_nvfp4(x, config, rounding, seed, amax, pad, sr_index)
     return QuantizedTensor(data, scales, tensor_scale, config, x.shape, x.dtype)
 
 

@@ -16,7 +16,7 @@ Pass 2 (``_quantize_kernel``) reads ``x`` once more, tile by tile, and writes pa
     s_dec_b = e4m3(amax_b * (s_enc * fp32(1/6)))  ->  s_enc_b = 1 / (s_dec_b * s_dec)  (0 if the product is 0,
                          NaN for a non-finite block, whose codes then all come out +0)
     codes = e2m1(nan_to_num(x * s_enc_b))   RNE by one magic-number add (``encode_e2m1_rne_magic``) or SR
-                                            with random_bits(seed, r * C_orig + c)
+                                            with random_bits(seed, (r + row_off) * row_stride + c + col_off)
     packed: 8 codes -> one int32 word (code k in bits 4k..4k+3, i.e. byte i = code 2i | code 2i+1 << 4),
             two words per block, one 8-byte store; scales (BR, NB) or (1, NB)
 
@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..formats import E2M1_MAX, E4M3_MAX
 from ..nvfp4 import ONE_SIXTH
-from ..rounding import Rounding, seed_key
+from ..rounding import ElementIndex, Rounding, seed_key
 from ..schemes import NVFP4Config
 from .tl_formats import F32_MAX, decode_e4m3, encode_e2m1, encode_e2m1_rne_magic, encode_e4m3, random_bits
 
@@ -62,12 +62,15 @@ def _amax_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _block_codes(x, s_enc_b, rows, cols, c_index, key, STOCHASTIC: tl.constexpr):
-    """E2M1 codes (int32) of x * s_enc_b for one half-block (..., 8) of elements at (rows, cols)."""
+def _block_codes(x, s_enc_b, rows, cols, row_off, col_off, c_index, key, STOCHASTIC: tl.constexpr):
+    """E2M1 codes (int32) of x * s_enc_b for one half-block (..., 8) of elements at (rows, cols).
+
+    Stochastic rounding draws ``random_bits(key, (r + row_off) * c_index + c + col_off)`` (``ElementIndex``)."""
     y = x * s_enc_b
     if STOCHASTIC:
         y = tl.where(y != y, 0.0, y)  # nan_to_num(nan=0); +-Inf saturates in the encoder as +-FLT_MAX would
-        return encode_e2m1(y, random_bits(key, rows * c_index + cols), True)
+        index = (rows + row_off) * c_index + (cols + col_off)
+        return encode_e2m1(y, random_bits(key, index), True)
     return encode_e2m1_rne_magic(y)  # NaN -> +0 by itself
 
 
@@ -78,7 +81,7 @@ def _pack8(codes):
     return tl.sum(codes << shifts, axis=len(codes.shape) - 1)  # disjoint bits: the sum is an OR
 
 
-@triton.jit(do_not_specialize=["key"])
+@triton.jit(do_not_specialize=["key", "row_off", "col_off", "c_index"])
 def _quantize_kernel(
     x_ptr,
     amax_ptr,
@@ -89,6 +92,8 @@ def _quantize_kernel(
     C,
     Rp,
     Cp,
+    row_off,
+    col_off,
     c_index,
     key,
     SCALE_BOUND: tl.constexpr,  # 6 * 448 (or 6 * 256 with four-over-six)
@@ -153,8 +158,8 @@ def _quantize_kernel(
     s_enc_b = tl.where(finite_b, s_enc_b, float("nan"))[:, :, None]
     scode = tl.where(finite_b, scode, 0x7F)
 
-    w_lo = _pack8(_block_codes(x_lo, s_enc_b, rows, cols_lo, c_index, key, STOCHASTIC))  # (BR, NB)
-    w_hi = _pack8(_block_codes(x_hi, s_enc_b, rows, cols_hi, c_index, key, STOCHASTIC))
+    w_lo = _pack8(_block_codes(x_lo, s_enc_b, rows, cols_lo, row_off, col_off, c_index, key, STOCHASTIC))  # (BR, NB)
+    w_hi = _pack8(_block_codes(x_hi, s_enc_b, rows, cols_hi, row_off, col_off, c_index, key, STOCHASTIC))
     words = tl.join(w_lo, w_hi)  # (BR, NB, 2): one 8-byte store per block
     wcols = b[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
     tl.store(data_ptr + rows * (Cp // 8) + wcols, words, mask=(rows < Rp) & (wcols < Cp // 8))
@@ -182,6 +187,7 @@ def quantize_nvfp4(
     seed: int | None,
     amax,
     pad: bool,
+    sr_index=None,
     *,
     tile: int = 4096,
     max_blocks: int = 32,
@@ -210,6 +216,8 @@ def quantize_nvfp4(
     stochastic = rounding is Rounding.STOCHASTIC
     key = seed_key(seed) if stochastic else 0
     key = key - (1 << 32) if key >= 1 << 31 else key  # passed as int32; the kernel reinterprets as uint32
+    index = sr_index or ElementIndex()
+    row_stride = index.row_stride if index.row_stride is not None else C
 
     # a program owns (BR rows) x (NB blocks of 16 columns): ``tile`` elements for 1x16, 16 x NB for 16x16
     NB = min(max_blocks, triton.next_power_of_2(Cp // 16), max(1, tile // (16 * br)))
@@ -226,7 +234,9 @@ def quantize_nvfp4(
         C,
         Rp,
         Cp,
-        C,
+        index.row_offset,
+        index.col_offset,
+        row_stride,
         key,
         SCALE_BOUND=E2M1_MAX * E4M3_MAX,
         ONE_SIXTH_C=ONE_SIXTH_F32,
