@@ -46,11 +46,18 @@ def _check(name: str, t) -> None:
         raise TypeError(f"qmm: {name} must be a floating tensor, got {t.dtype}")
 
 
-def qmm(a: QuantizedTensor | torch.Tensor, b: QuantizedTensor | torch.Tensor, *, accumulation=None) -> torch.Tensor:
-    """``A @ B^T`` in float32 for a (M, K) and b (N, K), each quantized along K (or not quantized).
+def qmm(
+    a: QuantizedTensor | torch.Tensor,
+    b: QuantizedTensor | torch.Tensor,
+    *,
+    accumulation=None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``A @ B^T`` for a (M, K) and b (N, K), each quantized along K (or not quantized).
 
     ``accumulation``: a ``fourbit.accumulation.Accumulation`` (anything with ``matmul(a, b) = a @ b.T``),
-    or None for float32 accumulation.
+    or None for float32 accumulation. The float32 result is rounded once to ``out_dtype`` (a kernel writes
+    it in that dtype directly).
     """
     _check("a", a)
     _check("b", b)
@@ -64,14 +71,14 @@ def qmm(a: QuantizedTensor | torch.Tensor, b: QuantizedTensor | torch.Tensor, *,
 
         fast = getattr(kernels, "qmm", None)
         if fast is not None:
-            out = fast(a, b)
+            out = fast(a, b, out_dtype=out_dtype)
             if out is not None:
                 return out
     # ---- reference -----------------------------------------------------------------------------------
     a_hp, b_hp = dequantize_operand(a), dequantize_operand(b)  # (M, K), (N, K) float32
     if accumulation is not None:
-        return accumulation.matmul(a_hp, b_hp)
-    return a_hp @ b_hp.T  # (M, N), float32 accumulation
+        return accumulation.matmul(a_hp, b_hp).to(out_dtype)
+    return (a_hp @ b_hp.T).to(out_dtype)  # (M, N), float32 accumulation
 
 
 def transpose(q: QuantizedTensor) -> QuantizedTensor:

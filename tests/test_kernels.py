@@ -212,14 +212,32 @@ GEMM_IDS = ["256x384x512", "200x176x272", "64x64x4096"]
 @gpu
 @pytest.mark.parametrize("b_block", BLOCKS, ids=BLOCK_IDS)
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=GEMM_IDS)
-def test_qmm_vs_float64(shape, b_block):
+@pytest.mark.parametrize("method", ["dequant", "fused", "cublas"])
+def test_qmm_vs_float64(shape, b_block, method):
+    from fourbit.kernels.nvfp4_gemm import qmm
+
     M, N, Kd = shape
     a = grid_operand(M, Kd, _gen(10), (1, 16))
     b = grid_operand(N, Kd, _gen(11), b_block)
-    out = K.qmm(_cuda(a), _cuda(b))
+    out = qmm(_cuda(a), _cuda(b), method=method)
     a_hat, b_hat = a.dequantize(), b.dequantize()
     assert out.shape == (M, N) and out.dtype == torch.float32
     gemm_check(out, a_hat, b_hat)
+    if method == "dequant":  # the default behind fourbit.kernels.qmm, also in bf16 (rounded once)
+        assert torch.equal(K.qmm(_cuda(a), _cuda(b)), out)
+        gemm_check(K.qmm(_cuda(a), _cuda(b), out_dtype=torch.bfloat16), a_hat, b_hat, rtol_out=BF16_OUT_RTOL)
+
+
+@gpu
+def test_qmm_dequant_tiles():
+    """Every GEMM tile of the dequantize-then-GEMM path, on edges that are not multiples of any tile."""
+    from fourbit.kernels.dequant_gemm import GEMM_TILES
+    from fourbit.kernels.nvfp4_gemm import qmm
+
+    a = _cuda(grid_operand(200, 272, _gen(14), (1, 16)))
+    b = _cuda(grid_operand(176, 272, _gen(15), (16, 16)))
+    for tile in GEMM_TILES:
+        gemm_check(qmm(a, b, config=tile, method="dequant"), a.dequantize().cpu(), b.dequantize().cpu())
 
 
 @gpu

@@ -50,7 +50,7 @@ if INTERPRET:
         for _name, _obj in list(vars(_mod).items()):
             if isinstance(_obj, JITFunction):
                 setattr(_mod, _name, _interp.InterpretedFunction(_obj.fn))
-    for _name in ("tl_formats", "nvfp4_quantize", "nvfp4_gemm"):
+    for _name in ("tl_formats", "nvfp4_quantize", "nvfp4_gemm", "dequant_gemm"):
         if f"fourbit.kernels.{_name}" in sys.modules:
             importlib.reload(sys.modules[f"fourbit.kernels.{_name}"])
 
@@ -117,6 +117,28 @@ def test_qmm_and_w4a16():
     for split in (1, 2):
         y = g._linear_w4a16(x, b, g._nvfp4_matrix(b, "w"), None, (16, 32, split, 4, 1))
         gemm_check(y, x.float(), b.dequantize(), rtol_out=BF16_TRUNC_RTOL)
+
+
+@pytest.mark.parametrize("b_block", [(1, 16), (16, 16)], ids=["b1x16", "b16x16"])
+def test_qmm_dequant_path(b_block):
+    """Dequantize-to-BF16 then GEMM: the BF16 operand is exactly e2m1 * e4m3 (float64 oracle), zero-padded
+    along K; the GEMM with tensor scales in its epilogue is within the float32-accumulation bound."""
+    from fourbit.kernels import dequant_gemm as d
+    from fourbit.kernels import nvfp4_gemm as g
+
+    gen = torch.Generator().manual_seed(3)
+    a, b = grid_operand(20, 80, gen), grid_operand(40, 80, gen, b_block)
+    mb = g._nvfp4_matrix(b, "b")
+    b16 = d.dequantize_bf16(mb[0], mb[1], mb[5], 128)
+    codes = b.codes().long()
+    e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float64)  # OCP MX v1.0, table 5
+    values = torch.where(codes >= 8, -e2m1[codes % 8], e2m1[codes % 8])
+    scale = b.scales.view(torch.float8_e4m3fn).double().reshape(-1, 5)  # torch's own E4M3 decode
+    want = values * scale.repeat_interleave(b_block[0], 0).repeat_interleave(16, 1)
+    assert b16.dtype == torch.bfloat16 and b16.shape == (codes.shape[0], 128)  # 2D blocks: rows padded to 48
+    assert torch.equal(b16[:, :80].double(), want) and not b16[:, 80:].any()
+    out = d.qmm_dequant(g._nvfp4_matrix(a, "a"), mb, torch.float32, tile=(16, 32, 64, 2, 4, 1))
+    gemm_check(out, a.dequantize(), b.dequantize())
 
 
 @pytest.mark.parametrize("batch", [1, 3, 4])

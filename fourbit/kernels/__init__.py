@@ -12,9 +12,10 @@ Non-contiguous inputs are copied to contiguous memory first (one extra read and 
 
 GEMMs (CUDA only; each returns ``None`` where it does not apply, so callers fall back):
 
-* ``qmm(a, b)``          NVFP4 x NVFP4, ``A @ B^T`` with both quantized along K (emulated on Hopper: FP4
-                          dequantized in registers to BF16, BF16 tensor cores, FP32 accumulation; native
-                          ``scaled_mm`` on compute capability >= 10, untested for want of such a GPU).
+* ``qmm(a, b)``          NVFP4 x NVFP4, ``A @ B^T`` with both quantized along K (emulated on Hopper: each
+                          FP4 operand dequantized once to BF16, exactly, then a BF16 tensor-core GEMM with
+                          FP32 accumulation and the tensor scales in its epilogue; native ``scaled_mm`` on
+                          compute capability >= 10, untested for want of such a GPU).
 * ``linear_w4a16(x, w)`` BF16 activations times NVFP4 weights, for decode (batch 1-16).
 * ``fp8_mm(a, b)``       FP8 x FP8 through ``torch.nn.functional.scaled_mm`` (per tensor, DeepSeek blockwise).
 """

@@ -324,24 +324,39 @@ def _usable(*tensors) -> bool:
     return all(t.is_cuda for t in tensors) and triton_available()
 
 
-def qmm(a, b, *, out_dtype: torch.dtype = torch.float32, config: tuple | None = None):
+QMM_METHODS = ("dequant", "fused", "cublas")
+
+
+def qmm(a, b, *, out_dtype: torch.dtype = torch.float32, config: tuple | None = None, method: str | None = None):
     """``A @ B^T`` (float32 by default) of NVFP4 operands quantized along K: shapes (*, K) and (N, K).
 
-    Returns None where the kernel does not apply (not NVFP4, not on CUDA, no triton).
+    ``method``: ``"dequant"`` (the default: each operand dequantized to BF16 once, then a BF16 tensor-core
+    GEMM with the tensor scales in its epilogue, ``dequant_gemm``), ``"fused"`` (dequantized in registers
+    inside the GEMM, ``_qmm_kernel``; the default when a ``GEMM_CONFIGS`` ``config`` is given) or
+    ``"cublas"`` (dequantized, then cuBLAS). Returns None where no kernel applies (not NVFP4, not on CUDA,
+    no triton).
     """
+    method = method or ("fused" if config is not None else "dequant")
+    if method not in QMM_METHODS:
+        raise ValueError(f"qmm: unknown method {method!r}; known: {', '.join(QMM_METHODS)}")
     ma, mb = _nvfp4_matrix(a, "a"), _nvfp4_matrix(b, "b")
     if ma is None or mb is None or not _usable(a.data, b.data):
         return None
-    return _qmm(a, b, ma, mb, out_dtype, config)
+    if a.shape[-1] != b.shape[-1] or ma[4] != mb[4]:
+        raise ValueError(f"qmm: K differs: a {tuple(a.shape)} (padded {ma[4]}), b {tuple(b.shape)} (padded {mb[4]})")
+    if len(b.shape) != 2:
+        raise ValueError(f"qmm: b must be a matrix (N, K), got shape {tuple(b.shape)}")
+    if method == "fused":
+        return _qmm(a, b, ma, mb, out_dtype, config)
+    from .dequant_gemm import qmm_dequant
+
+    c = qmm_dequant(ma, mb, out_dtype, tile=config, cublas=method == "cublas")
+    return c.reshape(*a.shape[:-1], mb[3])
 
 
 def _qmm(a, b, ma, mb, out_dtype, config):
     a_p, a_s, ta, M, ka, a_br = ma
     b_p, b_s, tb, N, kb, b_br = mb
-    if a.shape[-1] != b.shape[-1] or ka != kb:
-        raise ValueError(f"qmm: K differs: a {tuple(a.shape)} (padded {ka}), b {tuple(b.shape)} (padded {kb})")
-    if len(b.shape) != 2:
-        raise ValueError(f"qmm: b must be a matrix (N, K), got shape {tuple(b.shape)}")
     BM, BN, BK, warps, stages = config or GEMM_CONFIGS[0]
     c = torch.empty((M, N), dtype=out_dtype, device=a.data.device)
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)

@@ -19,7 +19,8 @@ per-tensor weight scale, W is quantized once in fprop and its transpose reused b
 the same quantized weight; with 1x16 blocks along each reduction dim they see different ones.
 
 Emulation: the quantized operands are dequantized and multiplied with float32 accumulation (or the
-recipe's ``Accumulation`` model). The bias is added in float32. Master weights, their gradients and the
+recipe's ``Accumulation`` model), and the result is rounded once to the output dtype; with a bias, the
+bias is added to the float32 result first. Master weights, their gradients and the
 optimizer state stay in the parameters' dtype. Under autocast the input is cast to the autocast dtype
 before quantization (as ``nn.Linear`` would cast it) and the output has that dtype. A recipe that quantizes
 nothing (``bf16``) is exactly ``F.linear``.
@@ -214,13 +215,13 @@ class _QuantLinearFunction(torch.autograd.Function):
     """The three quantized GEMMs of a linear layer (see the module docstring). No bias: added outside."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, recipe: Recipe, layer_id: int, step: int, parallel):
-        # x (M, K), weight (N, K) -> y float32 (M, N); M is this rank's share of the tokens
+    def forward(ctx, x, weight, recipe: Recipe, layer_id: int, step: int, parallel, out_dtype: torch.dtype):
+        # x (M, K), weight (N, K) -> y (M, N) in out_dtype; M is this rank's share of the tokens
         seed_x = derive_seed(recipe.seed, layer_id, step, Role.FPROP_X)
         qx = quantize_operand(x, recipe.fprop.a, seed=seed_x, parallel=parallel, sr_index=_rows_index(x, parallel))
         share = _shares_weight(recipe) and ctx.needs_input_grad[0]
         qw, qw_t = quantize_weight(weight, recipe, layer_id=layer_id, step=step, dgrad=share)
-        y = qmm(qx, qw, accumulation=recipe.accumulation)  # (M, N)
+        y = qmm(qx, qw, accumulation=recipe.accumulation, out_dtype=out_dtype)  # (M, N)
         ctx.save_for_backward(x, weight)
         ctx.qw_t = qw_t  # dgrad's W^T when shared with fprop, else quantized in backward
         ctx.recipe, ctx.layer_id, ctx.step, ctx.parallel = recipe, layer_id, step, parallel
@@ -243,16 +244,16 @@ class _QuantLinearFunction(torch.autograd.Function):
             qw_t = ctx.qw_t
             if qw_t is None:
                 qw_t = quantize_operand(weight.T, recipe.dgrad.b, seed=seed(Role.DGRAD_W))  # (K, N)
-            dx = qmm(qdy, qw_t, accumulation=recipe.accumulation).to(x.dtype)
+            dx = qmm(qdy, qw_t, accumulation=recipe.accumulation, out_dtype=x.dtype)
         if ctx.needs_input_grad[1]:
             # Wgrad: dW (N, K) = dy^T (N, M') @ x (M', K), reduction over tokens
             a, b = wgrad_inputs(dy, x, recipe)  # transposed, padded, RHT'd
             index = _tokens_index(a, parallel)
             qa = quantize_operand(a, recipe.wgrad.a, seed=seed(Role.WGRAD_DY), parallel=parallel, sr_index=index)
             qb = quantize_operand(b, recipe.wgrad.b, seed=seed(Role.WGRAD_X), parallel=parallel, sr_index=index)
-            dw = qmm(qa, qb, accumulation=recipe.accumulation).to(weight.dtype)
+            dw = qmm(qa, qb, accumulation=recipe.accumulation, out_dtype=weight.dtype)
         ctx.qw_t = None
-        return dx, dw, None, None, None, None
+        return dx, dw, None, None, None, None, None
 
 
 def _rows_index(t: torch.Tensor, parallel: DataParallel | None) -> ElementIndex | None:
@@ -293,8 +294,10 @@ def _quant_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     cast = _autocast_dtype(device_type)
     out_dtype = cast or x.dtype
     x2 = x.to(out_dtype).reshape(-1, module.in_features)  # (M, K)
+    # the GEMM rounds its float32 result to out_dtype once; with a bias, the bias is added in float32 first
+    gemm_dtype = out_dtype if module.bias is None else torch.float32
     with torch.autocast(device_type, enabled=False):
-        y = _QuantLinearFunction.apply(x2, module.weight, recipe, module.layer_id, step, module.parallel)  # (M, N) fp32
+        y = _QuantLinearFunction.apply(x2, module.weight, recipe, module.layer_id, step, module.parallel, gemm_dtype)
         if module.bias is not None:
             y = y + module.bias.float()
     return y.to(out_dtype).reshape(*x.shape[:-1], module.out_features)

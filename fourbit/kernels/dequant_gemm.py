@@ -1,0 +1,174 @@
+"""NVFP4 x NVFP4 GEMM on Hopper in two steps: dequantize each operand to BF16, then a BF16 tensor-core GEMM.
+
+Why two steps. Hopper has no FP4 tensor cores, so the FP4 operands must become BF16 somewhere before the
+MMA. Doing it inside the GEMM's main loop (``nvfp4_gemm._qmm_kernel``) puts ~8 integer/float instructions
+per element on the warps that should be feeding the tensor cores, and the dequantized tile must then be
+written to shared memory for ``wgmma``: measured at 0.30x cuBLAS BF16. Writing the dequantized operand to
+global memory once costs (0.5 + 1/16 + 2) bytes per element, a few microseconds for training-size
+operands, and leaves an ordinary BF16 GEMM that runs at tensor-core speed.
+
+Exactness (as in ``nvfp4_gemm``): ``e2m1(code) * e4m3(scale)`` has at most 5 significant bits and an
+exponent in [-10, 12], so it is exactly a BF16 number; the tensor cores multiply BF16 pairs exactly and
+accumulate in FP32. The per-tensor scales are applied once, in FP32, in the epilogue::
+
+    A' = e2m1(A codes) * e4m3(A block scales)          (M, K') bf16, exact       (_dequant_kernel)
+    B' = e2m1(B codes) * e4m3(B block scales)          (N, K') bf16, exact
+    C  = (A' @ B'^T) * (s_dec_A * s_dec_B)             fp32 accumulation, stored as ``out_dtype``
+
+K' is K rounded up to the GEMM's K step with zero columns (zeros add nothing to a dot product), so the
+GEMM's K loop needs no masks. Only the accumulation order differs from float64 math on the dequantized
+operands, as on Blackwell's native NVFP4 GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .tl_formats import decode_e4m3
+
+K_ALIGN = 64  # the dequantized operands' K is padded to this (the largest BK below)
+TWO_POW_126 = tl.constexpr(8.507059173023462e37)  # 2^126: float32 bits (m << 22) are e2m1(m) * 2^-126
+
+
+@triton.jit
+def _dequant_kernel(
+    p_ptr,  # (R, KP) uint8: two codes per byte, element 2i in the low nibble
+    s_ptr,  # (R / SROWS, KP / 8) uint8 E4M3 scale codes
+    out_ptr,  # (R, KOUT) bf16, KOUT >= 2 * KP; columns past 2 * KP are written as zeros
+    R,
+    KP,
+    KOUT,
+    SROWS: tl.constexpr,
+    BR: tl.constexpr,
+    BP: tl.constexpr,  # packed bytes per program row-tile (BP / 8 scale blocks)
+):
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)[:, None]  # (BR, 1)
+    p = tl.program_id(1) * BP + tl.arange(0, BP)[None, :]  # (1, BP) packed byte index
+    mask = (rows < R) & (p < KP)
+    packed = tl.load(p_ptr + rows * KP + p, mask=mask, other=0).to(tl.int32)
+    sc = tl.load(s_ptr + (rows // SROWS) * (KP // 8) + p // 8, mask=mask, other=0).to(tl.int32)
+    scale = decode_e4m3(sc)
+    lo, hi = packed & 0xF, packed >> 4
+    # e2m1 * 2^-126 from the code's bits (a float32 subnormal for |e2m1| < 1), times 2^126: exact
+    v_lo = (((lo & 7) << 22) | ((lo & 8) << 28)).to(tl.float32, bitcast=True) * TWO_POW_126 * scale
+    v_hi = (((hi & 7) << 22) | ((hi & 8) << 28)).to(tl.float32, bitcast=True) * TWO_POW_126 * scale
+    vals = tl.reshape(tl.join(v_lo, v_hi), (BR, 2 * BP))  # interleave: element 2i, 2i+1
+    cols = tl.program_id(1) * (2 * BP) + tl.arange(0, 2 * BP)[None, :]
+    tl.store(out_ptr + rows * KOUT + cols, vals.to(tl.bfloat16), mask=(rows < R) & (cols < KOUT))
+
+
+def dequantize_bf16(data: torch.Tensor, scales: torch.Tensor, block_rows: int, k_out: int) -> torch.Tensor:
+    """(R, K/2) packed codes + (R/br, K/16) E4M3 scale codes -> (R, k_out) bf16 ``e2m1 * e4m3``, zero-padded."""
+    R, KP = data.shape
+    out = torch.empty((R, k_out), dtype=torch.bfloat16, device=data.device)
+    BR, BP = 16, 128
+    grid = (triton.cdiv(R, BR), triton.cdiv(k_out // 2, BP))
+    _dequant_kernel[grid](data, scales, out, R, KP, k_out, SROWS=block_rows, BR=BR, BP=BP, num_warps=4)
+    return out
+
+
+# (BM, BN, BK, GROUP_M, num_warps, num_stages): Triton's Hopper-friendly BF16 GEMM tiles; autotuned per shape
+GEMM_TILES = (
+    (128, 256, 64, 8, 8, 3),
+    (128, 128, 64, 8, 8, 4),
+    (128, 128, 64, 8, 4, 4),
+    (64, 256, 64, 8, 4, 4),
+    (128, 64, 64, 8, 4, 4),
+    (64, 128, 64, 8, 4, 4),
+)
+
+
+def _configs():
+    return [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": g}, num_warps=w, num_stages=s)
+        for bm, bn, bk, g, w, s in GEMM_TILES
+    ]
+
+
+@triton.jit
+def _scaled_gemm_body(a_ptr, b_ptr, ta_ptr, tb_ptr, c_ptr, M, N, K, BM, BN, BK, GROUP_M, DOT_BF16):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rows_a = (offs_m % M).to(tl.int64)  # rows past the edge re-read valid rows; their results are not stored
+    rows_b = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BK)
+    a_ptrs = a_ptr + rows_a[:, None] * K + offs_k[None, :]
+    b_ptrs = b_ptr + rows_b[:, None] * K + offs_k[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for _ in range(0, K, BK):  # K is a multiple of BK (zero-padded by the dequantization)
+        a, b = tl.load(a_ptrs), tl.load(b_ptrs)
+        if not DOT_BF16:  # Triton's CPU interpreter: its bf16 dot is wrong; the products are exact in fp32 too
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc)
+        a_ptrs += BK
+        b_ptrs += BK
+    out = acc * (tl.load(ta_ptr) * tl.load(tb_ptr))
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], out.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.jit
+def _scaled_gemm_kernel(a_ptr, b_ptr, ta_ptr, tb_ptr, c_ptr, M, N, K,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, DOT_BF16: tl.constexpr):  # fmt: skip
+    _scaled_gemm_body(a_ptr, b_ptr, ta_ptr, tb_ptr, c_ptr, M, N, K, BM, BN, BK, GROUP_M, DOT_BF16)
+
+
+@triton.jit
+def _scaled_gemm_fixed(a_ptr, b_ptr, ta_ptr, tb_ptr, c_ptr, M, N, K,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, DOT_BF16: tl.constexpr):  # fmt: skip
+    _scaled_gemm_body(a_ptr, b_ptr, ta_ptr, tb_ptr, c_ptr, M, N, K, BM, BN, BK, GROUP_M, DOT_BF16)
+
+
+def scaled_gemm(a16, b16, ta, tb, out_dtype, *, tile: tuple | None = None) -> torch.Tensor:
+    """``(a16 @ b16^T) * ta * tb`` for bf16 (M, K), (N, K) with K a multiple of ``K_ALIGN``; FP32 accumulation.
+
+    ``tile`` = one ``GEMM_TILES`` entry skips the autotuner (the benchmark and the interpreter use it).
+    """
+    M, K = a16.shape
+    N = b16.shape[0]
+    c = torch.empty((M, N), dtype=out_dtype, device=a16.device)
+    if tile is None:
+        grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
+        _scaled_gemm_kernel[grid](a16, b16, ta, tb, c, M, N, K, DOT_BF16=True)
+    else:
+        bm, bn, bk, g, w, s = tile
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        _scaled_gemm_fixed[grid](a16, b16, ta, tb, c, M, N, K, BM=bm, BN=bn, BK=bk, GROUP_M=g,
+                                 DOT_BF16=a16.is_cuda, num_warps=w, num_stages=s)
+    return c
+
+
+def qmm_dequant(ma, mb, out_dtype: torch.dtype, *, tile: tuple | None = None, cublas: bool = False) -> torch.Tensor:
+    """``A @ B^T`` from ``nvfp4_gemm._nvfp4_matrix`` tuples: dequantize both to BF16, then one GEMM.
+
+    ``cublas=True`` runs the BF16 GEMM on cuBLAS (``torch.mm``, FP32 accumulation with reduced-precision
+    split-K reductions disabled) and applies the tensor scales in a separate pass (the benchmark compares).
+    """
+    a_p, a_s, ta, M, kp, a_br = ma
+    b_p, b_s, tb, N, _, b_br = mb
+    k_out = -(-kp // K_ALIGN) * K_ALIGN
+    a16 = dequantize_bf16(a_p, a_s, a_br, k_out)
+    b16 = dequantize_bf16(b_p, b_s, b_br, k_out)
+    a16, b16 = a16[:M], b16[:N]  # operands padded to 16 rows (2D blocks) carry zero rows past M / N
+    if not cublas:
+        return scaled_gemm(a16, b16, ta, tb, out_dtype, tile=tile)
+    flag = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        c = torch.mm(a16, b16.T, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):  # no fp32-output mm in this torch: a bf16 result, rounded once more
+        c = torch.mm(a16, b16.T).float()
+    finally:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
+    return (c * (ta * tb)).to(out_dtype)
