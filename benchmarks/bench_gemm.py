@@ -1,6 +1,8 @@
 """GEMM speed against cuBLAS BF16 ``F.linear`` measured in the same run.
 
-* emulated NVFP4 x NVFP4 (``fourbit.kernels.qmm``) at M = N = K = 8192, each tile config;
+* emulated NVFP4 x NVFP4 (``fourbit.kernels.qmm``) at M = N = K = 8192: the default dispatch (dequantize
+  to BF16, then an autotuned Triton GEMM), each of its tiles, dequantize + cuBLAS, the in-register kernel;
+* the same on the 12 GEMM shapes of one block of the evidence harness's ``gpu`` preset (``train``);
 * W4A16 NVFP4 GEMV / skinny GEMM, x (B, 8192) . W (28672, 8192)^T for B = 1, 4, 8, 16: the default
   dispatch and each config of the kernel that serves that batch;
 * FP8 through ``scaled_mm``: per tensor and DeepSeek blockwise (1x128 x 128x128) at 8192^3.
@@ -8,7 +10,7 @@
 Quantization is outside the timed region (operands quantized once). Prints compiler facts for the
 Triton kernels (registers, spills, whether wgmma was used).
 
-    PYTHONPATH=. python benchmarks/bench_gemm.py [--parts qmm fp8 w4a16]
+    PYTHONPATH=. python benchmarks/bench_gemm.py [--parts qmm train fp8 w4a16]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from triton.testing import do_bench
 
 import fourbit
 from fourbit.kernels import fp8_mm
+from fourbit.kernels import dequant_gemm as dq
 from fourbit.kernels import nvfp4_gemm as g
 
 
@@ -54,7 +57,7 @@ def main() -> None:
     import argparse
 
     p = argparse.ArgumentParser()
-    p.add_argument("--parts", nargs="+", default=["qmm", "fp8", "w4a16"], choices=["qmm", "fp8", "w4a16"])
+    p.add_argument("--parts", nargs="+", default=["qmm", "train", "fp8", "w4a16"], choices=["qmm", "train", "fp8", "w4a16"])
     parts = p.parse_args().parts
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}")
     rows = []
@@ -66,18 +69,48 @@ def main() -> None:
     rows.append(("cuBLAS BF16 F.linear 8192^3", bf16_ms, flop / bf16_ms / 1e9, 1.0))
 
     qa, qb = fourbit.quantize(a, "nvfp4"), fourbit.quantize(b, "nvfp4")
-    gemm_configs = g.GEMM_CONFIGS if "qmm" in parts else ()
-    ref = F.linear(qa.dequantize(torch.bfloat16), qb.dequantize(torch.bfloat16)).float()
-    for cfg in gemm_configs:
+    # (label, method, config): the default dispatch (dequantize to BF16, autotuned GEMM), each GEMM tile of
+    # that path, the cuBLAS variant, and the in-register ("fused") kernel's first two configs
+    qmm_cases = [("default dispatch (dequant, autotuned)", None, None), ("dequant + cuBLAS", "cublas", None)]
+    qmm_cases += [(f"dequant, tile {t}", "dequant", t) for t in dq.GEMM_TILES]
+    qmm_cases += [(f"fused (in-register dequant) {c}", "fused", c) for c in g.GEMM_CONFIGS[:2]]
+    qmm_cases = qmm_cases if "qmm" in parts else []
+    ref = F.linear(qa.dequantize(torch.bfloat16), qb.dequantize(torch.bfloat16)).float() if qmm_cases else None
+    for label, method, cfg in qmm_cases:
         try:
-            out = g.qmm(qa, qb, config=cfg, out_dtype=torch.bfloat16)
-            rel = float((out.float() - ref).norm() / ref.norm())
-            ms = median_ms(lambda: g.qmm(qa, qb, config=cfg, out_dtype=torch.bfloat16))
-            rows.append((f"NVFP4 qmm 8192^3 {cfg} (rel err vs bf16 {rel:.1e})", ms, flop / ms / 1e9, bf16_ms / ms))
+            def run(method=method, cfg=cfg):
+                return g.qmm(qa, qb, config=cfg, method=method, out_dtype=torch.bfloat16)
+
+            rel = float((run().float() - ref).norm() / ref.norm())
+            ms = median_ms(run)
+            rows.append((f"NVFP4 qmm 8192^3 {label} (rel err vs bf16 {rel:.1e})", ms, flop / ms / 1e9, bf16_ms / ms))
         except Exception as e:  # a config that does not fit (shared memory) is reported, not fatal
-            rows.append((f"NVFP4 qmm {cfg}: {type(e).__name__}: {str(e)[:80]}", float("nan"), float("nan"), float("nan")))
-    print("qmm kernel:", *kernel_facts(g._qmm_kernel), sep="\n")
+            rows.append((f"NVFP4 qmm {label}: {type(e).__name__}: {str(e)[:80]}", float("nan"), float("nan"), float("nan")))
+    if qmm_cases:
+        ma, mb = g._nvfp4_matrix(qa, "a"), g._nvfp4_matrix(qb, "b")
+        ms = median_ms(lambda: dq.dequantize_bf16(ma[0], ma[1], ma[5], K))
+        gbs = M * K * (0.5 + 1 / 16 + 2) / ms / 1e6
+        rows.append((f"  of which: dequantize one 8192^2 operand to BF16 ({gbs:.0f} GB/s)", ms, float("nan"), float("nan")))
+        print("qmm fused kernel:", *kernel_facts(g._qmm_kernel), sep="\n")
+        print("dequant GEMM kernel (autotuned):", *kernel_facts(dq._scaled_gemm_kernel.fn), sep="\n")
     del qa, qb, ref
+
+    # the gpu preset's GEMMs (16,384 tokens, C = 768, SwiGLU H = 2048): fprop, dgrad and wgrad of each
+    # linear, NVFP4 default dispatch against cuBLAS BF16 on the same shapes (BF16 out, as in training)
+    if "train" in parts:
+        T = 16384
+        total_bf16 = total_q = 0.0
+        for name, n_in, n_out in (("c_attn", 768, 2304), ("attn.c_proj", 768, 768), ("c_fc", 768, 4096), ("mlp.c_proj", 2048, 768)):
+            for gemm, (m_, n_, k_) in (("fprop", (T, n_out, n_in)), ("dgrad", (T, n_in, n_out)), ("wgrad", (n_out, n_in, T))):
+                x = torch.randn(m_, k_, device="cuda", dtype=torch.bfloat16)
+                y = torch.randn(n_, k_, device="cuda", dtype=torch.bfloat16)
+                qx, qy = fourbit.quantize(x, "nvfp4"), fourbit.quantize(y, "nvfp4")
+                t_bf16 = median_ms(lambda: F.linear(x, y))
+                t_q = median_ms(lambda: g.qmm(qx, qy, out_dtype=torch.bfloat16))
+                total_bf16, total_q = total_bf16 + t_bf16, total_q + t_q
+                f = 2 * m_ * n_ * k_
+                rows.append((f"gpu preset {name} {gemm} {m_}x{n_}x{k_}: NVFP4 qmm (BF16 {t_bf16:.4f} ms)", t_q, f / t_q / 1e9, t_bf16 / t_q))
+        rows.append((f"gpu preset, all 12 GEMMs of one block: NVFP4 qmm (BF16 {total_bf16:.4f} ms)", total_q, float("nan"), total_bf16 / total_q))
 
     fp8_cases = (("tensorwise", None, None), ("blockwise 1x128 x 128x128", (1, 128), (128, 128))) if "fp8" in parts else ()
     for name, ka, kb in fp8_cases:

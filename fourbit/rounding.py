@@ -82,11 +82,19 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _hash32_int(x: int) -> int:
+    """``_hash32`` on one Python int (no tensor round trip: kernels call ``seed_key`` per launch)."""
+    x ^= x >> 16
+    x = (x * _HASH_MUL1) & _MASK32
+    x ^= x >> 15
+    x = (x * _HASH_MUL2) & _MASK32
+    return x ^ (x >> 16)
+
+
 def seed_key(seed: int) -> int:
     """The 32-bit key a seed contributes (Python int; kernels receive it as a scalar)."""
-    s = torch.tensor([seed & _MASK32], dtype=torch.int64)
-    s = _hash32(s ^ ((seed >> 32) & _MASK32))
-    return int(_hash32(s ^ _GOLDEN))
+    s = _hash32_int((seed & _MASK32) ^ ((seed >> 32) & _MASK32))
+    return _hash32_int(s ^ _GOLDEN)
 
 
 def random_bits(seed: int, index: torch.Tensor) -> torch.Tensor:

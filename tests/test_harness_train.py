@@ -212,3 +212,18 @@ def test_a_run_directory_is_trained_by_one_process_at_a_time(tmp_path):
     (tmp_path / ".lock").write_text("999999999")  # stale: no such process
     ht.train(tiny_cfg(steps=2, eval_every=2), tmp_path, progress=False)
     assert not (tmp_path / ".lock").exists()
+
+
+def test_compare_workers_spread_over_gpus(monkeypatch):
+    """With several GPUs, worker runs go round-robin to cuda:0..n-1; an explicit device is left alone."""
+    from dataclasses import replace
+
+    cfgs = [(ht.train_config("tiny", recipe=r), f"/x/{r}") for r in ("bf16", "nvfp4", "mxfp4")]
+    assert hc._spread_over_gpus(cfgs) == cfgs or torch.cuda.device_count() > 1  # CPU: unchanged
+    monkeypatch.setattr(hc, "_cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    spread = hc._spread_over_gpus(cfgs)
+    assert [c.device for c, _ in spread] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert [p for _, p in spread] == [p for _, p in cfgs] and [c.recipe for c, _ in spread] == ["bf16", "nvfp4", "mxfp4"]
+    pinned = [(replace(c, device="cuda:1"), p) for c, p in cfgs]
+    assert hc._spread_over_gpus(pinned) == pinned

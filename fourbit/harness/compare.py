@@ -16,7 +16,7 @@ import json
 import math
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .data import load_tokens
@@ -99,6 +99,7 @@ def compare(
         from concurrent.futures import ProcessPoolExecutor
 
         threads = max(1, (os.cpu_count() or 1) // jobs)
+        cfgs = _spread_over_gpus(cfgs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
             futures = [pool.submit(_train_job, cfg, path, threads, (i % jobs) if progress else None)
                        for i, (cfg, path) in enumerate(cfgs)]  # fmt: skip
@@ -109,6 +110,18 @@ def compare(
     (out / "summary.md").write_text(summary_markdown(summary))
     plot(out, summary, out / "loss.png")
     return summary
+
+
+def _spread_over_gpus(cfgs: list[tuple[TrainConfig, str]]) -> list[tuple[TrainConfig, str]]:
+    """Worker runs on a machine with several GPUs: run i on ``cuda:(i mod GPUs)`` (device "auto"/"cuda" only)."""
+    if not cfgs or cfgs[0][0].device not in ("auto", "cuda") or not _cuda_available():
+        return cfgs
+    import torch
+
+    n = torch.cuda.device_count()
+    if n < 2:
+        return cfgs
+    return [(replace(cfg, device=f"cuda:{i % n}"), path) for i, (cfg, path) in enumerate(cfgs)]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,147 @@
+"""Where the time of a training step goes: one GPT step of the evidence harness under each recipe, against BF16.
+
+For each recipe: the median step time of the ``gpu`` preset (random tokens; the step is data-independent)
+over ``--steps`` steps after warm-up, its ratio to the BF16 step measured in the same run, and a
+``torch.profiler`` table of the GPU kernels (grouped: GEMMs, fourbit quantize kernels, dequantize, the rest)
+plus the host time of ``fourbit.quantize`` per call. Also: the host-side cost of one ``fourbit.quantize``
+call (Python dispatch and launches) against the kernel's own time.
+
+    PYTHONPATH=. python benchmarks/profile_step.py [--recipes bf16 nvfp4 fp8 mxfp4] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import fourbit
+from fourbit.harness.model import get_preset
+from fourbit.harness.train import build_model, make_optimizer, resolve_recipe, train_config, train_step
+
+GROUPS = (  # (group, substrings of kernel names), first match wins
+    ("fourbit quantize", ("_quantize_kernel", "_amax_kernel", "_mx_", "_fp8_")),
+    ("fourbit dequantize", ("_dequant_kernel",)),
+    ("GEMM (Triton, NVFP4)", ("_scaled_gemm", "_qmm_kernel")),
+    ("GEMM (cuBLAS / cutlass)", ("gemm", "sm90_xmma", "cutlass", "nvjet", "Kernel2")),
+    ("attention", ("flash", "fmha", "attention")),
+)
+
+
+def group_of(name: str) -> str:
+    for group, keys in GROUPS:
+        if any(k in name for k in keys):
+            return group
+    return "other (elementwise, reductions, copies, optimizer)"
+
+
+def step_times(recipe_name: str, steps: int, batch: int) -> tuple[list[float], object]:
+    device = torch.device("cuda")
+    cfg = train_config("gpu", recipe=recipe_name, batch_size=batch)
+    model = build_model(get_preset("gpu"), resolve_recipe(recipe_name), device)
+    opt = make_optimizer(model, cfg, device)
+    T = get_preset("gpu").block_size
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randint(0, get_preset("gpu").vocab_size, (batch, T), device=device, generator=gen)
+    y = torch.roll(x, -1, 1)
+    times = []
+    for i in range(steps + 3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train_step(model, opt, x, y, 1e-4, 1.0, device)
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        train_step(model, opt, x, y, 1e-4, 1.0, device)
+        torch.cuda.synchronize()
+    return times, prof
+
+
+def kernel_groups(prof) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t and getattr(ev, "device_type", None) is not None and "CUDA" in str(ev.device_type):
+            g = group_of(ev.key)
+            totals[g] = totals.get(g, 0.0) + t / 1e3
+    return totals
+
+
+def quantize_host_overhead(lines: list[str]) -> None:
+    """Wall time per ``fourbit.quantize`` call in a loop without syncs vs the kernels' GPU time."""
+    x = torch.randn(16384, 768, device="cuda", dtype=torch.bfloat16)
+    for label, kw in (("1x16 RNE", {}), ("1x16 SR", dict(rounding="stochastic", seed=1)), ("16x16", dict(block=(16, 16)))):
+        for _ in range(10):
+            fourbit.quantize(x, "nvfp4", check_finite=False, **kw)
+        torch.cuda.synchronize()
+        n = 200
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fourbit.quantize(x, "nvfp4", check_finite=False, **kw)
+        host = (time.perf_counter() - t0) / n
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / n
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g):  # GPU time alone: replay the same launches from a graph
+                fourbit.quantize(x, "nvfp4", check_finite=False, **kw)
+            g.replay()
+        except Exception as e:  # capture is a measuring aid; report instead of failing the profile
+            lines.append(f"| quantize 16384x768 bf16 {label} | {host * 1e6:.1f} | {wall * 1e6:.1f} | no graph: {type(e).__name__} |")
+            continue
+        start.record()
+        for _ in range(n):
+            g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        gpu = start.elapsed_time(end) / n / 1e3
+        lines.append(f"| quantize 16384x768 bf16 {label} | {host * 1e6:.1f} | {wall * 1e6:.1f} | {gpu * 1e6:.1f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--recipes", nargs="+", default=["bf16", "nvfp4", "fp8", "fp8-blockwise", "mxfp4"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    lines = [f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+             "", f"gpu preset, batch {args.batch} x 512 tokens, median of {args.steps} steps after 3 warm-up steps", "",
+             "| recipe | step ms | vs bf16 | GPU ms by kernel group (profiled step) |", "|---|---|---|---|"]  # fmt: skip
+    base = None
+    tables = []
+    for name in args.recipes:
+        times, prof = step_times(name, args.steps, args.batch)
+        ms = statistics.median(times) * 1e3
+        base = base or (ms if name == "bf16" else None)
+        groups = kernel_groups(prof)
+        gtxt = "; ".join(f"{g} {t:.1f}" for g, t in sorted(groups.items(), key=lambda kv: -kv[1]))
+        ratio = f"{ms / base:.2f}x" if base else "-"
+        lines.append(f"| {name} | {ms:.1f} | {ratio} | {gtxt} (sum {sum(groups.values()):.1f}) |")
+        print(lines[-1], flush=True)
+        tables.append(f"\n## {name}: top kernels and ops\n\n```\n"
+                      + prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
+                      + "\n```\n")  # fmt: skip
+        del prof
+        torch.cuda.empty_cache()
+    lines += ["", "Host cost of one `fourbit.quantize` call (microseconds): loop without syncs / with the final sync / "
+              "GPU time of the same launches replayed from a CUDA graph", "",
+              "| call | host us per call | wall us per call | GPU us per call |", "|---|---|---|---|"]  # fmt: skip
+    quantize_host_overhead(lines)
+    text = "\n".join(lines) + "\n" + "".join(tables)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile_step.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
