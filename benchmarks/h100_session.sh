@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One device call on a single H100 for the figures in benchmarks/RESULTS.md; each phase has its own time
+# limit and writes its log under $OUT (the device tool brings $OUT back).
+#   OUT=/tmp/out PHASES="env tests gemm profile small" bash benchmarks/h100_session.sh
+# Phases:
+#   env      GPU, driver, torch/triton versions
+#   tests    every @pytest.mark.gpu test (kernels bit-exact against the CPU reference, training on CUDA)
+#   gemm     benchmarks/bench_gemm.py (NVFP4 qmm methods at 8192^3 and on the gpu preset's GEMM shapes)
+#   quant    benchmarks/bench_quantize.py and benchmarks/bench_linear.py
+#   profile  benchmarks/profile_step.py (step time per recipe vs BF16, kernel-group profile)
+#   small    fourbit compare --preset small --ablations --seeds 3, runs spread over $JOBS worker processes
+#   gpu      fourbit compare --preset gpu --seeds $SEEDS --steps $STEPS (main recipes; ABL=1 adds ablations)
+# Compare runs keep metrics.jsonl and config files only (tarred to $OUT/<phase>.tgz): no checkpoints.
+set -o pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=. NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export XDG_CACHE_HOME=$PWD/.gpucache  # the carried data cache (gpt2 tokens, PyPI sdists)
+DATA=$XDG_CACHE_HOME/fourbit
+PHASES=${PHASES:-env tests gemm profile}
+has() { [[ " $PHASES " == *" $1 "* ]]; }
+pack() { tar czf $OUT/$1.tgz --exclude='*.pt' --exclude='ckpt*' --exclude='.lock' -C /tmp $1 2>/dev/null; }
+
+if has env; then
+  { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cap', torch.cuda.get_device_capability())"
+  } 2>&1 | tee $OUT/env.log
+fi
+if has tests; then
+  timeout ${T_TESTS:-200} python3 -m pytest -q -p no:cacheprovider -m gpu tests/ -x --tb=short --durations=5 \
+    > $OUT/tests.log 2>&1; echo "tests rc=$?"; tail -25 $OUT/tests.log
+fi
+if has gemm; then
+  timeout ${T_GEMM:-120} python3 benchmarks/bench_gemm.py --parts ${GEMM_PARTS:-qmm train} > $OUT/bench_gemm.log 2>&1
+  echo "gemm rc=$?"; grep -E "^\|" $OUT/bench_gemm.log | tail -30
+fi
+if has quant; then
+  timeout ${T_QUANT:-90} python3 benchmarks/bench_quantize.py --out $OUT/bench_quantize.md > $OUT/bench_quantize.log 2>&1
+  echo "quant rc=$?"; tail -25 $OUT/bench_quantize.log
+  timeout ${T_LINEAR:-90} python3 benchmarks/bench_linear.py --out $OUT/bench_linear.md > $OUT/bench_linear.log 2>&1
+  echo "linear rc=$?"; tail -15 $OUT/bench_linear.log
+fi
+if has profile; then
+  timeout ${T_PROFILE:-120} python3 benchmarks/profile_step.py --recipes ${PROFILE_RECIPES:-bf16 nvfp4 fp8 mxfp4} \
+    --steps ${PROFILE_STEPS:-5} --out $OUT > $OUT/profile.log 2>&1; echo "profile rc=$?"; head -30 $OUT/profile.log
+fi
+if has small; then
+  timeout ${T_SMALL:-240} python3 -m fourbit.cli compare --preset small --ablations --seeds ${SMALL_SEEDS:-3} \
+    --jobs ${JOBS:-8} --out /tmp/small --data-dir $DATA --no-progress > $OUT/small.log 2>&1
+  echo "small rc=$?"; tail -25 $OUT/small.log; pack small
+fi
+if has gpu; then
+  abl=""; [[ ${ABL:-0} == 1 ]] && abl=--ablations
+  timeout ${T_GPU:-420} python3 -m fourbit.cli compare --preset gpu --seeds ${SEEDS:-3} --steps ${STEPS:-300} $abl \
+    --jobs ${GPU_JOBS:-1} --out /tmp/gpu --data-dir $DATA --no-progress > $OUT/gpu.log 2>&1
+  echo "gpu rc=$?"; tail -25 $OUT/gpu.log; pack gpu
+fi
