@@ -61,18 +61,42 @@ class RHT:
 
 
 @functools.lru_cache(maxsize=64)
-def _matrix_on(transform: RHT, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The transform's matrix, built once per (transform, dtype, device)."""
-    return transform.matrix(dtype).to(device)
+def _signs_on(transform: RHT, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The transform's sign vector, built once per (transform, dtype, device)."""
+    return random_signs(transform.seed, transform.size).to(dtype=dtype, device=device)
+
+
+def fwht(blocks: torch.Tensor) -> torch.Tensor:
+    """Unnormalised fast Walsh-Hadamard transform over the last dim (a power of two): ``blocks . H``.
+
+    Butterflies from the widest stride down, ``(a, b) -> (a + b, a - b)`` with ``a`` the element whose index
+    has the stride's bit clear: ``log2(n)`` roundings per output in a fixed order, which the fused Triton
+    kernel repeats operation for operation (a matmul's summation order is the library's choice).
+    """
+    n = blocks.shape[-1]
+    lead = blocks.shape[:-1]
+    d = n // 2
+    while d >= 1:
+        y = blocks.reshape(*lead, n // (2 * d), 2, d)
+        a, b = y[..., 0, :], y[..., 1, :]
+        blocks = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
+        d //= 2
+    return blocks
 
 
 def rht(x: torch.Tensor, dim: int = -1, *, transform: RHT = RHT()) -> torch.Tensor:
-    """Apply the RHT to consecutive blocks of ``transform.size`` along ``dim`` (float32 or float64 math)."""
+    """Apply the RHT to consecutive blocks of ``transform.size`` along ``dim`` (float32 or float64 math).
+
+    ``y = fwht(x * s) / sqrt(n)``: the sign flips and the final power-of-two scaling (n = 16: 1/4) are exact,
+    so the butterflies are the only roundings."""
     n = transform.size
     if x.shape[dim] % n:
         raise ValueError(f"rht: dim {dim} of shape {tuple(x.shape)} is not divisible by {n}")
+    if n & (n - 1) or n > 256:
+        raise ValueError(f"rht: block size must be a power of two up to 256, got {n}")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     xt = x.to(dtype).movedim(dim, -1)
-    blocks = xt.reshape(*xt.shape[:-1], -1, n)  # (..., C/n, n)
-    out = (blocks @ _matrix_on(transform, dtype, x.device)).reshape(xt.shape)
+    blocks = xt.reshape(*xt.shape[:-1], -1, n) * _signs_on(transform, dtype, x.device)  # (..., C/n, n)
+    inv_sqrt_n = 2.0 ** (-(n.bit_length() - 1) / 2)  # 1/4 for n = 16 (exact for even log2 n)
+    out = (fwht(blocks) * inv_sqrt_n).reshape(xt.shape)
     return out.movedim(-1, dim)

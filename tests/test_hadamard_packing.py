@@ -86,3 +86,24 @@ def test_random_bits_are_a_pure_function_of_seed_and_index():
     # high indices (past 2^32) mix their upper word too
     big = torch.tensor([5, 5 + 2**32])
     assert random_bits(1, big)[0] != random_bits(1, big)[1]
+
+
+def test_fwht_is_the_sylvester_matrix_product():
+    """Butterflies = x . H exactly on integers (every partial sum is exactly representable)."""
+    from fourbit.hadamard import fwht
+
+    x = torch.randint(-1000, 1000, (64, 16)).double()
+    assert torch.equal(fwht(x), x @ hadamard_matrix(16, torch.float64))
+    y = torch.randint(-1000, 1000, (8, 32)).double()
+    assert torch.equal(fwht(y), y @ hadamard_matrix(32, torch.float64))
+
+
+def test_rht_float32_is_the_matrix_product_to_rounding():
+    """float32 butterflies vs the float64 matrix product: 4 roundings of partial sums bounded by sum |x|."""
+    from fourbit.hadamard import rht_matrix
+
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(4))
+    got = rht(x).double()
+    want = (x.double().reshape(-1, 16) @ rht_matrix(dtype=torch.float64)).reshape(x.shape)
+    bound = 4 * 2.0**-24 * (x.double().abs().reshape(-1, 16).sum(-1, keepdim=True) / 4).expand(-1, 16).reshape(x.shape)
+    assert ((got - want).abs() <= bound).all()

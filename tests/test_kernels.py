@@ -150,6 +150,51 @@ def test_nvfp4_stochastic_element_index(block, index):
     assert torch.equal(torch.cat([p.data for p in parts]), whole.data)
 
 
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rht_on", [True, False], ids=["rht", "no-rht"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("shape", [(1000, 768), (4096, 272), (16, 16)], ids=["pad-tokens", "odd-features", "one-block"])
+def test_wgrad_kernel_bit_exact(shape, rounding, rht_on, dtype):
+    """quantize_wgrad(t) = quantize(rht(pad(t^T))): the fused transpose + pad + RHT + quantize kernel."""
+    import torch.nn.functional as F
+
+    from fourbit.hadamard import RHT, rht
+
+    t = (torch.randn(shape, generator=_gen(21)) * 5).to(dtype).cuda()
+    transform = RHT(16, 1234) if rht_on else None
+    a = F.pad(t.T, (0, (-shape[0]) % 16))
+    a = rht(a, -1, transform=transform) if rht_on else a
+    for index in (None, ElementIndex(col_offset=a.shape[1], row_stride=3 * a.shape[1])):
+        kw = dict(rounding=rounding, seed=5 if rounding == "stochastic" else None, sr_index=index)
+        want = fourbit.quantize(a.cpu(), "nvfp4", pad=True, backend="reference", **kw)
+        got = K.quantize_wgrad(t, want.config, transform=transform, **kw)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert_same_bytes(got, want)
+        amax = K.wgrad_amax(t, want.config, transform)
+        assert torch.equal(amax.cpu().reshape(()), a.abs().max().float().cpu())
+
+
+@gpu
+def test_quantlinear_wgrad_uses_fused_kernel_bit_exact(monkeypatch):
+    """dW through the fused wgrad kernel equals dW through the reference chain (transpose, pad, RHT, quantize)."""
+    from fourbit.nn import QuantLinear
+
+    lin = QuantLinear(256, 128, bias=False, recipe="nvfp4").cuda()
+    x = torch.randn(200, 256, device="cuda", requires_grad=True)
+    calls = []
+    real = K.quantize_wgrad
+    monkeypatch.setattr(K, "quantize_wgrad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lin(x).square().sum().backward()
+    fused_dw = lin.weight.grad.clone()
+    assert calls, "the fused wgrad kernel was not used"
+    monkeypatch.setattr(K, "quantize_wgrad", lambda *a, **k: None)
+    lin.weight.grad = None
+    lin.step = 0  # same SR seeds
+    lin(x).square().sum().backward()
+    assert torch.equal(lin.weight.grad, fused_dw)
+
+
 # --- dispatch and bad input ------------------------------------------------------------------------
 
 

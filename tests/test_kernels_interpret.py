@@ -106,6 +106,36 @@ def test_quantize_stochastic_element_index(block):
     assert_same_bytes(_kernel_quantize(x, block, "stochastic", 5, sr_index=index), want)
 
 
+WGRAD_CASES = [
+    ((48, 64), torch.float32, True, "nearest", None),
+    ((40, 48), torch.bfloat16, True, "stochastic", None),  # tokens padded 40 -> 48, features not a tile multiple
+    ((32, 96), torch.float32, False, "stochastic", ElementIndex(col_offset=32, row_stride=128)),
+    ((64, 32), torch.float16, True, "stochastic", ElementIndex(col_offset=64, row_stride=128)),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,use_rht,rounding,index", WGRAD_CASES, ids=["rht-rne", "rht-sr-pad", "sr-index", "rht-sr-index"])
+def test_wgrad_kernel_matches_transpose_pad_rht_quantize(shape, dtype, use_rht, rounding, index):
+    """The fused wgrad kernel = the reference chain: transpose, zero-pad tokens to 16, RHT, quantize 1x16."""
+    import torch.nn.functional as F
+
+    from fourbit.hadamard import RHT, random_signs, rht
+    from fourbit.kernels.nvfp4_quantize import quantize_nvfp4_wgrad
+    from fourbit.quantize import QuantizedTensor
+
+    t = (torch.randn(shape, generator=torch.Generator().manual_seed(shape[0])) * 3).to(dtype)
+    M = shape[0]
+    a = F.pad(t.T, (0, (-M) % 16))
+    transform = RHT(16, 77)
+    a = rht(a, -1, transform=transform) if use_rht else a
+    kw = dict(rounding=rounding, seed=9 if rounding == "stochastic" else None, sr_index=index)
+    want = fourbit.quantize(a, "nvfp4", pad=True, backend="reference", **kw)
+    signs = random_signs(77, 16).float() if use_rht else None
+    config = NVFP4Config()
+    data, scales, ts = quantize_nvfp4_wgrad(t, config, Rounding.parse(rounding), kw["seed"], signs, None, index, bf=16, nb=2)
+    assert_same_bytes(QuantizedTensor(data, scales, ts, config, a.shape, a.dtype), want)
+
+
 def test_qmm_and_w4a16():
     from fourbit.kernels import nvfp4_gemm as g
 

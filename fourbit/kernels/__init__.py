@@ -26,7 +26,7 @@ import torch
 
 from ..rounding import Rounding
 
-__all__ = ["triton_available", "quantize", "qmm", "linear_w4a16", "fp8_mm"]
+__all__ = ["triton_available", "quantize", "quantize_wgrad", "wgrad_amax", "qmm", "linear_w4a16", "fp8_mm"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -78,6 +78,50 @@ def quantize(x, config, *, rounding, seed, amax, pad, backend, sr_index=None):
 
     data, scales, tensor_scale = quantize_nvfp4(x, config, rounding, seed, amax, pad, sr_index)
     return QuantizedTensor(data, scales, tensor_scale, config, x.shape, x.dtype)
+
+
+def _wgrad_kernel_applies(t, config, transform) -> bool:
+    from ..schemes import NVFP4Config
+
+    return (
+        isinstance(t, torch.Tensor) and t.is_cuda and triton_available() and t.dim() == 2 and t.numel() > 0
+        and t.dtype in _KERNEL_DTYPES and isinstance(config, NVFP4Config) and config.block == (1, 16)
+        and not config.four_over_six and (transform is None or transform.size == 16)
+    )  # fmt: skip
+
+
+def _signs(transform, device):
+    from ..hadamard import _signs_on
+
+    return None if transform is None else _signs_on(transform, torch.float32, device)
+
+
+def quantize_wgrad(t, config, *, rounding, seed, transform=None, amax=None, sr_index=None):
+    """A wgrad operand straight from ``t`` (tokens, features): ``quantize(rht(pad(t^T)))`` with tokens zero-padded
+    to a multiple of 16, in one fused kernel (no transposed, padded or transformed copy), bit-exact with
+    that reference chain; or None where the kernel does not apply (not NVFP4 1x16, not CUDA, ...).
+
+    ``transform`` is a ``fourbit.hadamard.RHT`` of size 16 or None; ``amax`` (of the transformed tensor,
+    e.g. all-reduced from ``wgrad_amax``) skips the amax pass."""
+    if not _wgrad_kernel_applies(t, config, transform):
+        return None
+    from ..quantize import QuantizedTensor
+    from .nvfp4_quantize import quantize_nvfp4_wgrad
+
+    rounding = Rounding.parse(rounding)
+    data, scales, tscale = quantize_nvfp4_wgrad(t, config, rounding, seed, _signs(transform, t.device), amax, sr_index)
+    M, F = t.shape
+    shape = torch.Size((F, M + (-M) % 16))
+    return QuantizedTensor(data, scales, tscale, config, shape, torch.float32 if transform is not None else t.dtype)
+
+
+def wgrad_amax(t, config, transform=None):
+    """max |rht(pad(t^T))| as a float32 one-element tensor, or None where ``quantize_wgrad`` does not apply."""
+    if not _wgrad_kernel_applies(t, config, transform):
+        return None
+    from .nvfp4_quantize import wgrad_amax as _amax
+
+    return _amax(t, _signs(transform, t.device))
 
 
 def qmm(a, b, *, out_dtype: torch.dtype = torch.float32):

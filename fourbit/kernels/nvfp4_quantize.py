@@ -81,6 +81,46 @@ def _pack8(codes):
     return tl.sum(codes << shifts, axis=len(codes.shape) - 1)  # disjoint bits: the sum is an OR
 
 
+@triton.jit
+def _tensor_scales(amax_ptr, SCALE_BOUND: tl.constexpr, PRECISE_DIV: tl.constexpr):
+    """s_enc = min(6 * 448 / amax, FLT_MAX), 1 if amax is 0 or not finite; s_dec = 1 / s_enc (float32 scalars)."""
+    amax = tl.load(amax_ptr)
+    if PRECISE_DIV:
+        s_enc = tl.math.div_rn(tl.full([], SCALE_BOUND, tl.float32), amax)
+    else:
+        s_enc = SCALE_BOUND / amax
+    s_enc = tl.where(s_enc > F32_MAX, F32_MAX, s_enc)
+    amax_bits = amax.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    s_enc = tl.where((amax == 0) | (amax_bits >= 0x7F800000), 1.0, s_enc)
+    if PRECISE_DIV:
+        s_dec = tl.math.div_rn(tl.full([], 1.0, tl.float32), s_enc)
+    else:
+        s_dec = 1.0 / s_enc
+    return s_enc, s_dec
+
+
+@triton.jit
+def _block_scales(bmax, s_enc, s_dec, ONE_SIXTH_C: tl.constexpr, PRECISE_DIV: tl.constexpr):
+    """(s_enc_b float32, E4M3 scale code int32) per block from its amax as |x| bits (int32, any shape).
+
+    s_dec_b = e4m3(amax_b * (s_enc * fp32(1/6))); s_enc_b = 1 / (s_dec_b * s_dec), 0 where that is 0. A
+    non-finite block gets s_enc_b = NaN (x * NaN is NaN, which both E2M1 encoders map to +0) and code 0x7F.
+    """
+    finite_b = bmax < 0x7F800000
+    amax_b = tl.where(finite_b, bmax, 0).to(tl.float32, bitcast=True)
+    base = amax_b * (s_enc * ONE_SIXTH_C)
+    scode = encode_e4m3(base)
+    denom = decode_e4m3(scode) * s_dec
+    if PRECISE_DIV:
+        inv = tl.math.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom)
+    else:
+        inv = 1.0 / denom
+    s_enc_b = tl.where(denom == 0, 0.0, inv)
+    s_enc_b = tl.where(finite_b, s_enc_b, float("nan"))
+    scode = tl.where(finite_b, scode, 0x7F)
+    return s_enc_b, scode
+
+
 @triton.jit(do_not_specialize=["key", "row_off", "col_off", "c_index"])
 def _quantize_kernel(
     x_ptr,
@@ -117,23 +157,11 @@ def _quantize_kernel(
     x_lo = tl.load(x_ptr + rows * C + cols_lo, mask=in_rows & (cols_lo < C), other=0.0).to(tl.float32)  # (BR, NB, 8)
     x_hi = tl.load(x_ptr + rows * C + cols_hi, mask=in_rows & (cols_hi < C), other=0.0).to(tl.float32)
 
-    # tensor scale: s_enc = min(6 * 448 / amax, FLT_MAX), 1 if amax is 0 or not finite; s_dec = 1 / s_enc
-    amax = tl.load(amax_ptr)
-    if PRECISE_DIV:
-        s_enc = tl.math.div_rn(tl.full([], SCALE_BOUND, tl.float32), amax)
-    else:
-        s_enc = SCALE_BOUND / amax
-    s_enc = tl.where(s_enc > F32_MAX, F32_MAX, s_enc)
-    amax_bits = amax.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    s_enc = tl.where((amax == 0) | (amax_bits >= 0x7F800000), 1.0, s_enc)
-    if PRECISE_DIV:
-        s_dec = tl.math.div_rn(tl.full([], 1.0, tl.float32), s_enc)
-    else:
-        s_dec = 1.0 / s_enc
+    s_enc, s_dec = _tensor_scales(amax_ptr, SCALE_BOUND, PRECISE_DIV)
     if (pid_r == 0) & (pid_c == 0):
         tl.store(tscale_ptr, s_dec)
 
-    # block amax over |x| bits; a non-finite block is flagged and treated as amax 0
+    # block amax over |x| bits
     hmax = tl.maximum(
         tl.max(x_lo.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2),
         tl.max(x_hi.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2),
@@ -142,21 +170,8 @@ def _quantize_kernel(
         bmax = hmax
     else:
         bmax = tl.max(hmax, axis=0)[None, :]  # (1, NB)
-    finite_b = bmax < 0x7F800000
-    amax_b = tl.where(finite_b, bmax, 0).to(tl.float32, bitcast=True)
-
-    # s_dec_b = e4m3(amax_b * (s_enc * fp32(1/6))); s_enc_b = 1 / (s_dec_b * s_dec), 0 where that is 0
-    base = amax_b * (s_enc * ONE_SIXTH_C)
-    scode = encode_e4m3(base)
-    denom = decode_e4m3(scode) * s_dec
-    if PRECISE_DIV:
-        inv = tl.math.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom)
-    else:
-        inv = 1.0 / denom
-    s_enc_b = tl.where(denom == 0, 0.0, inv)
-    # a non-finite block encodes as +0 everywhere: x * NaN is NaN, which both encoders map to +0
-    s_enc_b = tl.where(finite_b, s_enc_b, float("nan"))[:, :, None]
-    scode = tl.where(finite_b, scode, 0x7F)
+    s_enc_b, scode = _block_scales(bmax, s_enc, s_dec, ONE_SIXTH_C, PRECISE_DIV)
+    s_enc_b = s_enc_b[:, :, None]
 
     w_lo = _pack8(_block_codes(x_lo, s_enc_b, rows, cols_lo, row_off, col_off, c_index, key, STOCHASTIC))  # (BR, NB)
     w_hi = _pack8(_block_codes(x_hi, s_enc_b, rows, cols_hi, row_off, col_off, c_index, key, STOCHASTIC))
@@ -254,3 +269,151 @@ def quantize_nvfp4(
         data = data.reshape(*lead, Cp // 2)
         scales = scales.reshape(*lead, Cp // bc)
     return data, scales, tscale
+
+
+# --- wgrad operands: transposed, zero-padded along tokens, optionally RHT'd, quantized: one kernel ---------
+#
+# Wgrad reduces over tokens, so its operands are dy^T and x^T (features, tokens'), tokens' = tokens padded to
+# a multiple of 16, each 16-token block Hadamard-transformed (``fourbit.hadamard.rht``) and quantized in 1x16
+# blocks along tokens'. The reference builds that tensor (transpose, pad, RHT) and quantizes it; here program
+# (i, j) loads a (BF features x 16*NB tokens) tile of the untransposed (tokens, features) input, applies
+# the sign flips and the same butterflies in the same order, and writes the packed transposed codes and
+# scales directly. The amax of the RHT'd tensor needs a pass of its own (``_wgrad_amax_kernel``, the same
+# loads and butterflies) unless it is given.
+
+
+@triton.jit
+def _fwht16(y):
+    """``fourbit.hadamard.fwht`` on the rows of an (N, 16) float32 tensor: strides 8, 4, 2, 1, (a+b, a-b)."""
+    N: tl.constexpr = y.shape[0]
+    for k in tl.static_range(4):
+        d: tl.constexpr = 8 >> k
+        z = tl.permute(tl.reshape(y, (N, 16 // (2 * d), 2, d)), (0, 1, 3, 2))  # pair index last
+        a, b = tl.split(z)
+        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (N, 16))
+    return y
+
+
+@triton.jit
+def _wgrad_tile(t_ptr, signs_ptr, M, F, BF: tl.constexpr, NB: tl.constexpr, HAS_RHT: tl.constexpr):
+    """(BF * NB, 16) float32: row r = (feature f0 + r // NB, token block m0/16 + r % NB), RHT'd if asked."""
+    f = tl.program_id(0).to(tl.int64) * BF + tl.arange(0, BF)[:, None]  # (BF, 1)
+    m = tl.program_id(1).to(tl.int64) * (16 * NB) + tl.arange(0, 16 * NB)[None, :]  # (1, 16 NB)
+    x = tl.load(t_ptr + m * F + f, mask=(m < M) & (f < F), other=0.0).to(tl.float32)  # (BF, 16 NB): x^T
+    y = tl.reshape(x, (BF * NB, 16))
+    if HAS_RHT:
+        s = tl.load(signs_ptr + tl.arange(0, 16))
+        y = _fwht16(y * s[None, :]) * 0.25  # fwht(x * s) / sqrt(16): the sign flips and the 1/4 are exact
+    return y
+
+
+@triton.jit
+def _wgrad_amax_kernel(t_ptr, signs_ptr, out_ptr, M, F, BF: tl.constexpr, NB: tl.constexpr, HAS_RHT: tl.constexpr):
+    y = _wgrad_tile(t_ptr, signs_ptr, M, F, BF, NB, HAS_RHT)
+    tl.atomic_max(out_ptr, tl.max(tl.max(y.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0))
+
+
+@triton.jit(do_not_specialize=["key", "row_off", "col_off", "c_index"])
+def _wgrad_quantize_kernel(
+    t_ptr,  # (M, F) tokens x features, contiguous
+    signs_ptr,  # (16,) float32 +-1
+    amax_ptr,
+    data_ptr,  # int32 view of the packed codes of the (F, Mp) result: (F, Mp / 8) words
+    scales_ptr,  # (F, Mp / 16)
+    tscale_ptr,
+    M,
+    F,
+    Mp,
+    row_off,
+    col_off,
+    c_index,
+    key,
+    SCALE_BOUND: tl.constexpr,
+    ONE_SIXTH_C: tl.constexpr,
+    HAS_RHT: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    PRECISE_DIV: tl.constexpr,
+    BF: tl.constexpr,
+    NB: tl.constexpr,
+):
+    y = _wgrad_tile(t_ptr, signs_ptr, M, F, BF, NB, HAS_RHT)  # (BF * NB, 16)
+    s_enc, s_dec = _tensor_scales(amax_ptr, SCALE_BOUND, PRECISE_DIV)
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(tscale_ptr, s_dec)
+    bmax = tl.max(y.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)  # (BF * NB,)
+    s_enc_b, scode = _block_scales(bmax, s_enc, s_dec, ONE_SIXTH_C, PRECISE_DIV)
+
+    r = tl.arange(0, BF * NB)
+    rows = (tl.program_id(0).to(tl.int64) * BF + r // NB)[:, None]  # output row = feature
+    blk = (tl.program_id(1) * NB + r % NB)[:, None]  # output 16-column block = token block
+    halves = tl.permute(tl.reshape(y, (BF * NB, 2, 8)), (0, 2, 1))
+    y_lo, y_hi = tl.split(halves)  # (BF * NB, 8) each: tokens 0-7 and 8-15 of the block
+    cols_lo = blk * 16 + tl.arange(0, 8)[None, :]
+    w_lo = _pack8(_block_codes(y_lo, s_enc_b[:, None], rows, cols_lo, row_off, col_off, c_index, key, STOCHASTIC))
+    w_hi = _pack8(_block_codes(y_hi, s_enc_b[:, None], rows, cols_lo + 8, row_off, col_off, c_index, key, STOCHASTIC))
+    words = tl.join(w_lo, w_hi)  # (BF * NB, 2)
+    wcols = blk * 2 + tl.arange(0, 2)[None, :]
+    ok = (rows < F) & (blk < Mp // 16)
+    tl.store(data_ptr + rows * (Mp // 8) + wcols, words, mask=ok)
+    tl.store(scales_ptr + rows * (Mp // 16) + blk, scode[:, None].to(tl.uint8), mask=ok)
+
+
+def quantize_nvfp4_wgrad(
+    t: torch.Tensor,
+    config: NVFP4Config,
+    rounding: Rounding,
+    seed: int | None,
+    signs: torch.Tensor | None,
+    amax=None,
+    sr_index=None,
+    *,
+    bf: int = 32,
+    nb: int = 4,
+    num_warps: int = 4,
+):
+    """NVFP4 (1x16) of ``rht(pad(t^T))`` for ``t`` (tokens, features): (data (F, Mp/2), scales (F, Mp/16), s_dec).
+
+    Bit-exact with ``fourbit.quantize(rht(F.pad(t.T, (0, Mp - M))), config, pad=True, ...)``, Mp = M rounded
+    up to 16; ``signs`` is the RHT's sign vector on t's device (float32, 16) or None for no transform.
+    ``amax`` (of the transformed tensor) skips the amax pass.
+    """
+    if config.block != (1, 16) or config.four_over_six:
+        raise NotImplementedError("the wgrad kernel covers NVFP4 1x16 blocks without four-over-six")
+    interpret = not t.is_cuda
+    tc = t.reshape(-1, t.shape[-1]).contiguous()
+    M, F = tc.shape
+    Mp = M + (-M) % 16
+    grid = (triton.cdiv(F, bf), triton.cdiv(Mp // 16, nb))
+    has_rht = signs is not None
+    signs_t = signs if has_rht else tc  # (unused without RHT)
+    if amax is None:
+        amax_i = torch.zeros(1, dtype=torch.int32, device=t.device)
+        _wgrad_amax_kernel[grid](tc, signs_t, amax_i, M, F, BF=bf, NB=nb, HAS_RHT=has_rht, num_warps=num_warps)
+        amax_t = amax_i.view(torch.float32)
+    else:
+        amax_t = torch.as_tensor(amax, dtype=torch.float32, device=t.device).reshape(1).contiguous()
+    data = torch.empty((F, Mp // 2), dtype=torch.uint8, device=t.device)
+    scales = torch.empty((F, Mp // 16), dtype=torch.uint8, device=t.device)
+    tscale = torch.empty((), dtype=torch.float32, device=t.device)
+    stochastic = rounding is Rounding.STOCHASTIC
+    key = seed_key(seed) if stochastic else 0
+    key = key - (1 << 32) if key >= 1 << 31 else key
+    index = sr_index or ElementIndex()
+    row_stride = index.row_stride if index.row_stride is not None else Mp
+    _wgrad_quantize_kernel[grid](
+        tc, signs_t, amax_t, data.view(torch.int32), scales, tscale, M, F, Mp,
+        index.row_offset, index.col_offset, row_stride, key,
+        SCALE_BOUND=E2M1_MAX * E4M3_MAX, ONE_SIXTH_C=ONE_SIXTH_F32, HAS_RHT=has_rht, STOCHASTIC=stochastic,
+        PRECISE_DIV=not interpret, BF=bf, NB=nb, num_warps=num_warps, **({} if interpret else EXACT_OPTIONS),
+    )  # fmt: skip
+    return data, scales.view(torch.float8_e4m3fn), tscale
+
+
+def wgrad_amax(t: torch.Tensor, signs: torch.Tensor | None, *, bf: int = 32, nb: int = 4) -> torch.Tensor:
+    """max |rht(pad(t^T))| (float32, one element): the amax pass alone, for an all-reduce before quantizing."""
+    tc = t.reshape(-1, t.shape[-1]).contiguous()
+    M, F = tc.shape
+    out = torch.zeros(1, dtype=torch.int32, device=t.device)
+    grid = (triton.cdiv(F, bf), triton.cdiv((M + (-M) % 16) // 16, nb))
+    _wgrad_amax_kernel[grid](tc, signs if signs is not None else tc, out, M, F, BF=bf, NB=nb, HAS_RHT=signs is not None)
+    return out.view(torch.float32)

@@ -247,13 +247,50 @@ class _QuantLinearFunction(torch.autograd.Function):
             dx = qmm(qdy, qw_t, accumulation=recipe.accumulation, out_dtype=x.dtype)
         if ctx.needs_input_grad[1]:
             # Wgrad: dW (N, K) = dy^T (N, M') @ x (M', K), reduction over tokens
-            a, b = wgrad_inputs(dy, x, recipe)  # transposed, padded, RHT'd
-            index = _tokens_index(a, parallel)
-            qa = quantize_operand(a, recipe.wgrad.a, seed=seed(Role.WGRAD_DY), parallel=parallel, sr_index=index)
-            qb = quantize_operand(b, recipe.wgrad.b, seed=seed(Role.WGRAD_X), parallel=parallel, sr_index=index)
+            fused = _fused_wgrad_operands(dy, x, recipe, seed, parallel)
+            if fused is not None:
+                qa, qb = fused
+            else:
+                a, b = wgrad_inputs(dy, x, recipe)  # transposed, padded, RHT'd
+                index = _tokens_index(a, parallel)
+                qa = quantize_operand(a, recipe.wgrad.a, seed=seed(Role.WGRAD_DY), parallel=parallel, sr_index=index)
+                qb = quantize_operand(b, recipe.wgrad.b, seed=seed(Role.WGRAD_X), parallel=parallel, sr_index=index)
             dw = qmm(qa, qb, accumulation=recipe.accumulation, out_dtype=weight.dtype)
         ctx.qw_t = None
         return dx, dw, None, None, None, None, None
+
+
+def _fused_wgrad_operands(dy, x, recipe: Recipe, seed, parallel: DataParallel | None):
+    """(Q(dy^T), Q(x^T)) from one fused kernel each (``fourbit.kernels.quantize_wgrad``: transpose, token
+    padding, RHT and quantization, bit-exact with ``wgrad_inputs`` + ``quantize_operand``), or None where
+    that kernel does not cover the recipe's wgrad operands (then the caller takes the reference chain)."""
+    from .. import kernels
+
+    ops = (recipe.wgrad.a, recipe.wgrad.b)
+    if token_multiple(recipe) != RHT_SIZE or not all(isinstance(op.scheme, NVFP4Config) for op in ops):
+        return None
+    transform = RHT(RHT_SIZE, recipe.rht_seed) if recipe.wgrad.a.rht else None
+    tokens = dy.shape[0] + (-dy.shape[0]) % RHT_SIZE
+    index = None
+    if parallel is not None:
+        index = ElementIndex(col_offset=parallel.rank * tokens, row_stride=parallel.world_size * tokens)
+    out = []
+    for t, op, role in ((dy, ops[0], Role.WGRAD_DY), (x, ops[1], Role.WGRAD_X)):
+        amax = None
+        if parallel is not None:
+            amax = kernels.wgrad_amax(t, op.scheme, transform)
+            if amax is None:
+                return None
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=parallel.group)
+        stochastic = op.rounding is Rounding.STOCHASTIC
+        q = kernels.quantize_wgrad(
+            t, op.scheme, rounding=op.rounding, seed=seed(role) if stochastic else None, transform=transform,
+            amax=amax, sr_index=index if stochastic else None,
+        )  # fmt: skip
+        if q is None:
+            return None
+        out.append(q)
+    return tuple(out)
 
 
 def _rows_index(t: torch.Tensor, parallel: DataParallel | None) -> ElementIndex | None:
