@@ -106,6 +106,38 @@ def quantize_host_overhead(lines: list[str]) -> None:
         lines.append(f"| quantize 16384x768 bf16 {label} | {host * 1e6:.1f} | {wall * 1e6:.1f} | {gpu * 1e6:.1f} |")
 
 
+def host_cost_breakdown(lines: list[str]) -> None:
+    """Host microseconds per call of the pieces of one ``fourbit.quantize`` (loops without syncs)."""
+    from fourbit.kernels import nvfp4_quantize as nq
+    from fourbit.rounding import Rounding
+    from fourbit.schemes import NVFP4Config
+
+    x = torch.randn(16384, 768, device="cuda", dtype=torch.bfloat16)
+    cfg = NVFP4Config()
+    amax = nq.measure_amax(x)
+    pieces = {
+        "torch.empty (one allocation)": lambda: torch.empty((16384, 384), dtype=torch.uint8, device="cuda"),
+        "torch.zeros(1) (allocation + fill launch)": lambda: torch.zeros(1, dtype=torch.int32, device="cuda"),
+        "x.abs().amax() (two torch launches)": lambda: x.abs().amax(),
+        "measure_amax (zeros + one Triton launch)": lambda: nq.measure_amax(x),
+        "kernels' quantize_nvfp4, amax given (3 allocations + one Triton launch)": lambda: nq.quantize_nvfp4(x, cfg, Rounding.NEAREST, None, amax, False),
+        "fourbit.quantize, amax given": lambda: fourbit.quantize(x, "nvfp4", amax=amax, check_finite=False),
+        "fourbit.quantize (amax measured)": lambda: fourbit.quantize(x, "nvfp4", check_finite=False),
+    }  # fmt: skip
+    lines += ["", "| piece of one quantize call (16384x768 bf16) | host us per call |", "|---|---|"]
+    for name, fn in pieces.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        n = 500
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t0) / n
+        torch.cuda.synchronize()
+        lines.append(f"| {name} | {host * 1e6:.1f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--recipes", nargs="+", default=["bf16", "nvfp4", "fp8", "fp8-blockwise", "mxfp4"])
@@ -119,7 +151,11 @@ def main() -> None:
     base = None
     tables = []
     for name in args.recipes:
-        times, prof = step_times(name, args.steps, args.batch)
+        try:
+            times, prof = step_times(name, args.steps, args.batch)
+        except Exception as e:  # report and go on with the other recipes
+            lines.append(f"| {name} | failed: {type(e).__name__}: {str(e)[:120]} | | |")
+            continue
         ms = statistics.median(times) * 1e3
         base = base or (ms if name == "bf16" else None)
         groups = kernel_groups(prof)
@@ -136,6 +172,7 @@ def main() -> None:
               "GPU time of the same launches replayed from a CUDA graph", "",
               "| call | host us per call | wall us per call | GPU us per call |", "|---|---|---|---|"]  # fmt: skip
     quantize_host_overhead(lines)
+    host_cost_breakdown(lines)
     text = "\n".join(lines) + "\n" + "".join(tables)
     print(text)
     if args.out:
