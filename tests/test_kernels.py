@@ -274,6 +274,17 @@ def test_qmm_vs_float64(shape, b_block, method):
 
 
 @gpu
+def test_qmm_mxfp4_dequant_path():
+    """MXFP4 x MXFP4 on CUDA: dequantized to BF16, BF16 GEMM; within the float32-accumulation bound."""
+    x = torch.randn(200, 320, generator=_gen(16)) * torch.logspace(-8, 8, 320)
+    w = torch.randn(176, 320, generator=_gen(17))
+    a, b = fourbit.quantize(x.cuda(), "mxfp4"), fourbit.quantize(w.cuda(), "mxfp4")
+    out = K.qmm(a, b)
+    assert out is not None and out.shape == (200, 176)
+    gemm_check(out, a.dequantize().cpu(), b.dequantize().cpu())
+
+
+@gpu
 def test_qmm_dequant_tiles():
     """Every GEMM tile of the dequantize-then-GEMM path, on edges that are not multiples of any tile."""
     from fourbit.kernels.dequant_gemm import GEMM_TILES
@@ -297,8 +308,10 @@ def test_qmm_padded_k_and_configs():
 
 @gpu
 def test_qmm_declines_other_schemes():
-    a = fourbit.quantize(torch.randn(32, 64, device="cuda"), "mxfp4")
+    a = fourbit.quantize(torch.randn(32, 64, device="cuda"), "mxfp8")  # MXFP8: no GEMM kernel (falls back)
     assert K.qmm(a, a) is None
+    b = fourbit.quantize(torch.randn(32, 64, device="cuda"), "nvfp4")
+    assert K.qmm(fourbit.quantize(torch.randn(32, 64, device="cuda"), "mxfp4"), b) is None  # mixed schemes
 
 
 @gpu

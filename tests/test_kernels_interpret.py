@@ -106,6 +106,26 @@ def test_quantize_stochastic_element_index(block):
     assert_same_bytes(_kernel_quantize(x, block, "stochastic", 5, sr_index=index), want)
 
 
+def test_qmm_dequant_mxfp4():
+    """MXFP4 through the dequantize-to-BF16 GEMM: the BF16 operand is exactly e2m1 * 2^(e - 127) (float64
+    oracle from torch's own E8M0 decode), and the product is within the float32-accumulation bound."""
+    from fourbit.kernels import dequant_gemm as d
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(20, 96, generator=gen) * torch.logspace(-30, 30, 96)  # scales far apart, E8M0 range
+    w = torch.randn(40, 96, generator=gen)
+    a, b = fourbit.quantize(x, "mxfp4"), fourbit.quantize(w, "mxfp4")
+    ma, mb = d.mx_matrix(a), d.mx_matrix(b)
+    a16 = d.dequantize_bf16(ma[0], ma[1], 1, 128, mx=True)
+    codes = a.codes().long()
+    e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float64)
+    values = torch.where(codes >= 8, -e2m1[codes % 8], e2m1[codes % 8])
+    want = values * a.scales.view(torch.float8_e8m0fnu).double().repeat_interleave(32, 1)
+    assert torch.equal(a16[:, :96].double(), want) and not a16[:, 96:].any()
+    out = d.qmm_dequant(ma, mb, torch.float32, tile=(16, 32, 64, 2, 4, 1), mx=True)
+    gemm_check(out, a.dequantize(), b.dequantize())
+
+
 WGRAD_CASES = [
     ((48, 64), torch.float32, True, "nearest", None),
     ((40, 48), torch.bfloat16, True, "stochastic", None),  # tokens padded 40 -> 48, features not a tile multiple

@@ -16,6 +16,7 @@ GEMMs (CUDA only; each returns ``None`` where it does not apply, so callers fall
                           FP4 operand dequantized once to BF16, exactly, then a BF16 tensor-core GEMM with
                           FP32 accumulation and the tensor scales in its epilogue; native ``scaled_mm`` on
                           compute capability >= 10, untested for want of such a GPU).
+                          MXFP4 (1x32) x MXFP4 takes the same dequantize-then-GEMM path.
 * ``linear_w4a16(x, w)`` BF16 activations times NVFP4 weights, for decode (batch 1-16).
 * ``fp8_mm(a, b)``       FP8 x FP8 through ``torch.nn.functional.scaled_mm`` (per tensor, DeepSeek blockwise).
 """
@@ -140,6 +141,13 @@ def qmm(a, b, *, out_dtype: torch.dtype = torch.float32):
         blockwise = a.config.block is not None
         out = _fp8_mm(a, b, out_dtype=torch.bfloat16 if blockwise else out_dtype)
         return None if out is None else out.to(out_dtype)
+
+    from ..schemes import MXConfig
+
+    if isinstance(getattr(a, "config", None), MXConfig) and isinstance(getattr(b, "config", None), MXConfig):
+        from .dequant_gemm import qmm_mx
+
+        return qmm_mx(a, b, out_dtype=out_dtype)  # MXFP4 1x32: dequantized to BF16, then the BF16 GEMM
 
     native = nvfp4_mm_native(a, b, out_dtype=out_dtype)  # Blackwell (sm100+) only; None elsewhere
     if native is not None:

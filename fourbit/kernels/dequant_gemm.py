@@ -1,4 +1,4 @@
-"""NVFP4 x NVFP4 GEMM on Hopper in two steps: dequantize each operand to BF16, then a BF16 tensor-core GEMM.
+"""NVFP4 (and MXFP4) GEMMs on Hopper in two steps: dequantize each operand to BF16, then a BF16 tensor-core GEMM.
 
 Why two steps. Hopper has no FP4 tensor cores, so the FP4 operands must become BF16 somewhere before the
 MMA. Doing it inside the GEMM's main loop (``nvfp4_gemm._qmm_kernel``) puts ~8 integer/float instructions
@@ -18,6 +18,9 @@ accumulate in FP32. The per-tensor scales are applied once, in FP32, in the epil
 K' is K rounded up to the GEMM's K step with zero columns (zeros add nothing to a dot product), so the
 GEMM's K loop needs no masks. Only the accumulation order differs from float64 math on the dequantized
 operands, as on Blackwell's native NVFP4 GEMM.
+
+MXFP4 (``qmm_mx``) takes the same path: ``e2m1 * 2^(e - 127)`` is exact in BF16 (same exponent range as
+FP32), and the tensor scales are 1.
 """
 
 from __future__ import annotations
@@ -33,23 +36,35 @@ TWO_POW_126 = tl.constexpr(8.507059173023462e37)  # 2^126: float32 bits (m << 22
 
 
 @triton.jit
+def _decode_e8m0(code):
+    """E8M0 scale code (int32) -> float32 2^(code - 127), exact (2^-127 is a float32 subnormal); 255 -> NaN."""
+    bits = tl.where(code == 0, 0x00400000, code << 23)
+    return tl.where(code == 255, 0x7FC00000, bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _dequant_kernel(
     p_ptr,  # (R, KP) uint8: two codes per byte, element 2i in the low nibble
-    s_ptr,  # (R / SROWS, KP / 8) uint8 E4M3 scale codes
+    s_ptr,  # (R / SROWS, 2 KP / BLOCK) uint8 scale codes: E4M3 (NVFP4) or E8M0 (MXFP4)
     out_ptr,  # (R, KOUT) bf16, KOUT >= 2 * KP; columns past 2 * KP are written as zeros
     R,
     KP,
     KOUT,
     SROWS: tl.constexpr,
+    BLOCK: tl.constexpr,  # elements per scale along K: 16 (NVFP4) or 32 (MX)
+    E8M0: tl.constexpr,
     BR: tl.constexpr,
-    BP: tl.constexpr,  # packed bytes per program row-tile (BP / 8 scale blocks)
+    BP: tl.constexpr,  # packed bytes per program row-tile
 ):
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)[:, None]  # (BR, 1)
     p = tl.program_id(1) * BP + tl.arange(0, BP)[None, :]  # (1, BP) packed byte index
     mask = (rows < R) & (p < KP)
     packed = tl.load(p_ptr + rows * KP + p, mask=mask, other=0).to(tl.int32)
-    sc = tl.load(s_ptr + (rows // SROWS) * (KP // 8) + p // 8, mask=mask, other=0).to(tl.int32)
-    scale = decode_e4m3(sc)
+    sc = tl.load(s_ptr + (rows // SROWS) * (KP // (BLOCK // 2)) + p // (BLOCK // 2), mask=mask, other=0).to(tl.int32)
+    if E8M0:
+        scale = _decode_e8m0(sc)
+    else:
+        scale = decode_e4m3(sc)
     lo, hi = packed & 0xF, packed >> 4
     # e2m1 * 2^-126 from the code's bits (a float32 subnormal for |e2m1| < 1), times 2^126: exact
     v_lo = (((lo & 7) << 22) | ((lo & 8) << 28)).to(tl.float32, bitcast=True) * TWO_POW_126 * scale
@@ -59,13 +74,17 @@ def _dequant_kernel(
     tl.store(out_ptr + rows * KOUT + cols, vals.to(tl.bfloat16), mask=(rows < R) & (cols < KOUT))
 
 
-def dequantize_bf16(data: torch.Tensor, scales: torch.Tensor, block_rows: int, k_out: int) -> torch.Tensor:
-    """(R, K/2) packed codes + (R/br, K/16) E4M3 scale codes -> (R, k_out) bf16 ``e2m1 * e4m3``, zero-padded."""
+def dequantize_bf16(data: torch.Tensor, scales: torch.Tensor, block_rows: int, k_out: int, *, mx: bool = False) -> torch.Tensor:
+    """(R, K/2) packed FP4 codes + uint8 scale codes -> (R, k_out) bf16 ``e2m1 * scale``, zero-padded along K.
+
+    NVFP4: E4M3 scales per 16 elements ((R/br, K/16)); ``mx=True``: E8M0 scales per 32 ((R, K/32)). Both
+    products are exact in BF16 (E8M0 scales are powers of two within BF16's exponent range)."""
     R, KP = data.shape
     out = torch.empty((R, k_out), dtype=torch.bfloat16, device=data.device)
     BR, BP = 16, 128
     grid = (triton.cdiv(R, BR), triton.cdiv(k_out // 2, BP))
-    _dequant_kernel[grid](data, scales, out, R, KP, k_out, SROWS=block_rows, BR=BR, BP=BP, num_warps=4)
+    _dequant_kernel[grid](data, scales, out, R, KP, k_out, SROWS=block_rows, BLOCK=32 if mx else 16, E8M0=mx,
+                          BR=BR, BP=BP, num_warps=4)  # fmt: skip
     return out
 
 
@@ -149,8 +168,11 @@ def scaled_gemm(a16, b16, ta, tb, out_dtype, *, tile: tuple | None = None) -> to
     return c
 
 
-def qmm_dequant(ma, mb, out_dtype: torch.dtype, *, tile: tuple | None = None, cublas: bool = False) -> torch.Tensor:
-    """``A @ B^T`` from ``nvfp4_gemm._nvfp4_matrix`` tuples: dequantize both to BF16, then one GEMM.
+def qmm_dequant(
+    ma, mb, out_dtype: torch.dtype, *, tile: tuple | None = None, cublas: bool = False, mx: bool = False
+) -> torch.Tensor:
+    """``A @ B^T`` from ``nvfp4_gemm._nvfp4_matrix`` tuples (``mx``: ``mx_matrix`` ones): dequantize both to
+    BF16, then one GEMM.
 
     ``cublas=True`` runs the BF16 GEMM on cuBLAS (``torch.mm``, FP32 accumulation with reduced-precision
     split-K reductions disabled) and applies the tensor scales in a separate pass (the benchmark compares).
@@ -158,8 +180,8 @@ def qmm_dequant(ma, mb, out_dtype: torch.dtype, *, tile: tuple | None = None, cu
     a_p, a_s, ta, M, kp, a_br = ma
     b_p, b_s, tb, N, _, b_br = mb
     k_out = -(-kp // K_ALIGN) * K_ALIGN
-    a16 = dequantize_bf16(a_p, a_s, a_br, k_out)
-    b16 = dequantize_bf16(b_p, b_s, b_br, k_out)
+    a16 = dequantize_bf16(a_p, a_s, a_br, k_out, mx=mx)
+    b16 = dequantize_bf16(b_p, b_s, b_br, k_out, mx=mx)
     a16, b16 = a16[:M], b16[:N]  # operands padded to 16 rows (2D blocks) carry zero rows past M / N
     if not cublas:
         return scaled_gemm(a16, b16, ta, tb, out_dtype, tile=tile)
@@ -172,3 +194,26 @@ def qmm_dequant(ma, mb, out_dtype: torch.dtype, *, tile: tuple | None = None, cu
     finally:
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
     return (c * (ta * tb)).to(out_dtype)
+
+
+def mx_matrix(q):
+    """``_nvfp4_matrix``'s tuple for an MXFP4 operand with 1x32 blocks (tensor scale 1), or None otherwise."""
+    from ..formats import E2M1
+    from ..schemes import MXConfig
+
+    if not isinstance(q.config, MXConfig) or q.config.elem != E2M1 or q.config.block != (1, 32):
+        return None
+    kp = q.data.shape[-1] * 2
+    packed = q.data.reshape(-1, kp // 2)
+    scales = q.scales.view(torch.uint8).reshape(-1, kp // 32)
+    rows = q.shape.numel() // q.shape[-1] if len(q.shape) else 1
+    one = torch.ones(1, dtype=torch.float32, device=q.data.device)
+    return packed.contiguous(), scales.contiguous(), one, rows, kp, 1
+
+
+def qmm_mx(a, b, *, out_dtype: torch.dtype = torch.float32):
+    """``A @ B^T`` for MXFP4 (1x32) operands through the dequantize-to-BF16 GEMM, or None where it does not apply."""
+    ma, mb = mx_matrix(a), mx_matrix(b)
+    if ma is None or mb is None or not (a.data.is_cuda and b.data.is_cuda) or ma[4] != mb[4] or len(b.shape) != 2:
+        return None
+    return qmm_dequant(ma, mb, out_dtype, mx=True).reshape(*a.shape[:-1], mb[3])
