@@ -1,0 +1,72 @@
+"""The fused wgrad-operand kernel (transpose + token padding + RHT + SR + NVFP4 quantize) against a device copy.
+
+Effective bandwidth = (input bytes read once + packed codes and scales written) / time, as for the quantize
+benchmark; the baseline is a device-to-device copy measured in the same run. Also the reference chain it
+replaces (``wgrad_inputs`` + ``fourbit.quantize``: transposed copy, pad, RHT in PyTorch, quantize kernel).
+
+    PYTHONPATH=. python benchmarks/bench_wgrad.py [--out FILE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+import fourbit
+import fourbit.kernels as K
+from fourbit.hadamard import RHT, rht
+from fourbit.schemes import NVFP4Config
+
+
+def median_ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_wgrad: needs a CUDA GPU; nothing to do")
+        return
+    lines = [f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}", ""]
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src))
+    copy_gbs = 2 * src.numel() / copy_ms / 1e6
+    del src, dst
+    lines += [f"device-to-device copy of 1 GiB: {copy_ms:.3f} ms = {copy_gbs:.0f} GB/s (read + write)", "",
+              "| what (tokens x features, bf16) | ms | GB/s | x copy |", "|---|---|---|---|"]  # fmt: skip
+    cfg = NVFP4Config()
+    transform = RHT()
+    for M, Fd in ((16384, 768), (16384, 4096), (8192, 8192)):
+        t = torch.randn(M, Fd, device="cuda", dtype=torch.bfloat16)
+        nbytes = M * Fd * 2 + M * Fd // 2 + M * Fd // 16  # read once + packed codes + scales
+        amax = K.wgrad_amax(t, cfg, transform)
+        cases = {
+            "fused: RHT + SR, amax measured (two reads)": lambda: K.quantize_wgrad(t, cfg, rounding="stochastic", seed=1, transform=transform),
+            "fused: RHT + SR, amax given (one read)": lambda: K.quantize_wgrad(t, cfg, rounding="stochastic", seed=1, transform=transform, amax=amax),
+            "fused: RHT + RNE, amax given": lambda: K.quantize_wgrad(t, cfg, rounding="nearest", seed=None, transform=transform, amax=amax),
+            "fused: transpose only (no RHT), RNE, amax given": lambda: K.quantize_wgrad(t, cfg, rounding="nearest", seed=None, amax=amax),
+            "reference chain: t.T, pad, rht (PyTorch), fourbit.quantize SR": lambda: fourbit.quantize(
+                rht(F.pad(t.T, (0, 0)), -1, transform=transform), "nvfp4", rounding="stochastic", seed=1, check_finite=False),
+        }  # fmt: skip
+        for name, fn in cases.items():
+            ms = median_ms(fn)
+            gbs = nbytes / ms / 1e6
+            lines.append(f"| {M}x{Fd} {name} | {ms:.4f} | {gbs:.0f} | {gbs / copy_gbs:.2f} |")
+        del t
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
