@@ -145,6 +145,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("profile_step: needs a CUDA GPU; nothing to do")
+        return
     lines = [f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
              "", f"gpu preset, batch {args.batch} x 512 tokens, median of {args.steps} steps after 3 warm-up steps", "",
              "| recipe | step ms | vs bf16 | GPU ms by kernel group (profiled step) |", "|---|---|---|---|"]  # fmt: skip
