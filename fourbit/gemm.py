@@ -81,6 +81,12 @@ def qmm(
     return (a_hp @ b_hp.T).to(out_dtype)  # (M, N), float32 accumulation
 
 
+def _triton() -> bool:
+    from .kernels import triton_available
+
+    return triton_available()
+
+
 def transpose(q: QuantizedTensor) -> QuantizedTensor:
     """The quantized transpose of a 2D QuantizedTensor with square 2D blocks or a per-tensor scale.
 
@@ -95,10 +101,15 @@ def transpose(q: QuantizedTensor) -> QuantizedTensor:
     if block is not None and block[0] != block[1]:
         raise ValueError(f"transpose needs square 2D blocks or a per-tensor scale, got block {block}")
     R, C = q.shape
-    codes = q.codes()  # (R_pad, C_pad)
-    if codes.shape != (R, C):
-        raise ValueError(f"transpose: padded QuantizedTensor {tuple(codes.shape)} vs shape {(R, C)} is not supported")
-    codes_t = codes.T.contiguous()  # (C, R)
-    data = pack_fp4(codes_t) if q.packed else codes_t
+    rows, cols = q.data.shape[0], q.data.shape[-1] * (2 if q.packed else 1)  # (R_pad, C_pad)
+    if (rows, cols) != (R, C):
+        raise ValueError(f"transpose: padded QuantizedTensor {(rows, cols)} vs shape {(R, C)} is not supported")
+    if q.packed and q.data.is_cuda and R % 2 == 0 and _triton():
+        from .kernels.fp4_transpose import transpose_packed
+
+        data = transpose_packed(q.data)  # one kernel, no device sync
+    else:
+        codes_t = q.codes().T.contiguous()  # (C, R)
+        data = pack_fp4(codes_t) if q.packed else codes_t
     scales = q.scales if block is None else q.scales.T.contiguous()
     return replace(q, data=data, scales=scales, shape=torch.Size((C, R)))

@@ -274,6 +274,17 @@ def test_qmm_vs_float64(shape, b_block, method):
 
 
 @gpu
+@pytest.mark.parametrize("shape", [(256, 512), (4096, 768), (48, 4112)], ids=["small", "gpu-preset", "edges"])
+def test_transpose_of_2d_weight_uses_kernel_and_matches_requantizing(shape):
+    """gemm.transpose on CUDA (packed-FP4 transpose kernel) = quantizing W^T afresh, byte for byte."""
+    from fourbit.gemm import transpose
+
+    w = torch.randn(shape, generator=_gen(18)).cuda()
+    qt = transpose(fourbit.quantize(w, "nvfp4", block=(16, 16)))
+    assert_same_bytes(qt, fourbit.quantize(w.T.contiguous(), "nvfp4", block=(16, 16), backend="reference"))
+
+
+@gpu
 def test_qmm_mxfp4_dequant_path():
     """MXFP4 x MXFP4 on CUDA: dequantized to BF16, BF16 GEMM; within the float32-accumulation bound."""
     x = torch.randn(200, 320, generator=_gen(16)) * torch.logspace(-8, 8, 320)

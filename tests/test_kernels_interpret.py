@@ -50,7 +50,7 @@ if INTERPRET:
         for _name, _obj in list(vars(_mod).items()):
             if isinstance(_obj, JITFunction):
                 setattr(_mod, _name, _interp.InterpretedFunction(_obj.fn))
-    for _name in ("tl_formats", "nvfp4_quantize", "nvfp4_gemm", "dequant_gemm"):
+    for _name in ("tl_formats", "nvfp4_quantize", "nvfp4_gemm", "dequant_gemm", "fp4_transpose"):
         if f"fourbit.kernels.{_name}" in sys.modules:
             importlib.reload(sys.modules[f"fourbit.kernels.{_name}"])
 
@@ -124,6 +124,17 @@ def test_qmm_dequant_mxfp4():
     assert torch.equal(a16[:, :96].double(), want) and not a16[:, 96:].any()
     out = d.qmm_dequant(ma, mb, torch.float32, tile=(16, 32, 64, 2, 4, 1), mx=True)
     gemm_check(out, a.dequantize(), b.dequantize())
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (48, 80), (16, 144)], ids=["square", "edges", "wide"])
+def test_fp4_transpose_kernel(shape):
+    """Packed FP4 transpose = pack(unpack(data)^T), byte for byte, on tiles that do not divide the shape."""
+    from fourbit.kernels.fp4_transpose import transpose_packed
+    from fourbit.packing import pack_fp4, unpack_fp4
+
+    codes = torch.randint(0, 16, shape, generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    data = pack_fp4(codes)
+    assert torch.equal(transpose_packed(data, br=32, bc=32), pack_fp4(unpack_fp4(data).T.contiguous()))
 
 
 WGRAD_CASES = [
