@@ -25,7 +25,7 @@ if has env; then
   } 2>&1 | tee $OUT/env.log
 fi
 if has tests; then
-  timeout ${T_TESTS:-200} python3 -m pytest -q -p no:cacheprovider -m gpu ${TEST_FILES:-tests/} --tb=short --durations=5 \
+  timeout ${T_TESTS:-200} python3 -m pytest -q -p no:cacheprovider -m gpu ${TEST_FILES:-tests/} ${PYTEST_ARGS:-} --tb=short --durations=5 \
     > $OUT/tests.log 2>&1; echo "tests rc=$?"; tail -25 $OUT/tests.log
 fi
 if has gemm; then
