@@ -283,15 +283,20 @@ def quantize_nvfp4(
 
 
 @triton.jit
-def _fwht16(y):
-    """``fourbit.hadamard.fwht`` on the rows of an (N, 16) float32 tensor: strides 8, 4, 2, 1, (a+b, a-b)."""
-    N: tl.constexpr = y.shape[0]
-    for k in tl.static_range(4):
-        d: tl.constexpr = 8 >> k
-        z = tl.permute(tl.reshape(y, (N, 16 // (2 * d), 2, d)), (0, 1, 3, 2))  # pair index last
-        a, b = tl.split(z)
-        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (N, 16))
-    return y
+def _butterfly(y, N: tl.constexpr, D: tl.constexpr):
+    """One FWHT stage on the rows of an (N, 16) tensor: elements i and i + D (i's bit D clear) -> (a + b, a - b)."""
+    z = tl.permute(tl.reshape(y, (N, 16 // (2 * D), 2, D)), (0, 1, 3, 2))  # the pair index last
+    a, b = tl.split(z)
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (N, 16))
+
+
+@triton.jit
+def _fwht16(y, N: tl.constexpr):
+    """``fourbit.hadamard.fwht`` on the rows of an (N, 16) float32 tensor: strides 8, 4, 2, 1, in that order."""
+    y = _butterfly(y, N, 8)
+    y = _butterfly(y, N, 4)
+    y = _butterfly(y, N, 2)
+    return _butterfly(y, N, 1)
 
 
 @triton.jit
@@ -303,7 +308,7 @@ def _wgrad_tile(t_ptr, signs_ptr, M, F, BF: tl.constexpr, NB: tl.constexpr, HAS_
     y = tl.reshape(x, (BF * NB, 16))
     if HAS_RHT:
         s = tl.load(signs_ptr + tl.arange(0, 16))
-        y = _fwht16(y * s[None, :]) * 0.25  # fwht(x * s) / sqrt(16): the sign flips and the 1/4 are exact
+        y = _fwht16(y * s[None, :], BF * NB) * 0.25  # fwht(x * s) / sqrt(16): the sign flips and the 1/4 are exact
     return y
 
 
