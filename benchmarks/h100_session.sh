@@ -43,13 +43,14 @@ if has profile; then
     --steps ${PROFILE_STEPS:-5} --out $OUT > $OUT/profile.log 2>&1; echo "profile rc=$?"; head -30 $OUT/profile.log
 fi
 if has small; then
-  timeout ${T_SMALL:-240} python3 -m fourbit.cli compare --preset small --ablations --seeds ${SMALL_SEEDS:-3} \
-    --jobs ${JOBS:-8} --out /tmp/small --data-dir $DATA --no-progress > $OUT/small.log 2>&1
+  timeout ${T_SMALL:-240} python3 -m fourbit.cli compare --preset small --recipes ${SMALL_RECIPES:-bf16,fp8,fp8-blockwise,mxfp4,nvfp4} \
+    ${SMALL_ABL:---ablations} --seeds ${SMALL_SEEDS:-3} --jobs ${JOBS:-8} --out /tmp/small --data-dir $DATA --no-progress > $OUT/small.log 2>&1
   echo "small rc=$?"; tail -25 $OUT/small.log; pack small
 fi
 if has gpu; then
   abl=""; [[ ${ABL:-0} == 1 ]] && abl=--ablations
-  timeout ${T_GPU:-420} python3 -m fourbit.cli compare --preset gpu --seeds ${SEEDS:-3} --steps ${STEPS:-300} $abl \
+  timeout ${T_GPU:-420} python3 -m fourbit.cli compare --preset gpu --recipes ${GPU_RECIPES:-bf16,fp8,fp8-blockwise,mxfp4,nvfp4} \
+    --seeds ${SEEDS:-3} --steps ${STEPS:-300} $abl \
     --jobs ${GPU_JOBS:-1} --out /tmp/gpu --data-dir $DATA --no-progress > $OUT/gpu.log 2>&1
   echo "gpu rc=$?"; tail -25 $OUT/gpu.log; pack gpu
 fi
