@@ -227,3 +227,15 @@ def test_compare_workers_spread_over_gpus(monkeypatch):
     assert [p for _, p in spread] == [p for _, p in cfgs] and [c.recipe for c, _ in spread] == ["bf16", "nvfp4", "mxfp4"]
     pinned = [(replace(c, device="cuda:1"), p) for c, p in cfgs]
     assert hc._spread_over_gpus(pinned) == pinned
+
+
+def test_summary_refuses_an_incomplete_run(tmp_path):
+    """A run cut before its last step must not be summarized as if its last evaluation were final."""
+    out = tmp_path / "cmp"
+    cfg = tiny_cfg(steps=4, eval_every=2, log_every=2)
+    hc.compare(["bf16"], 1, "tiny", out, jobs=1, progress=False, **{k: getattr(cfg, k) for k in ("steps", "batch_size", "log_every", "eval_every", "eval_tokens")})
+    metrics = out / "bf16" / "seed0" / "metrics.jsonl"
+    rows = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(rows[:-1]) + "\n")  # drop the step-4 record
+    with pytest.raises(ValueError, match="incomplete"):
+        hc.summarize(out, ["bf16"], 1)

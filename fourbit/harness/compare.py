@@ -141,6 +141,11 @@ def _load_run(out: Path, recipe: str, seed: int) -> RunResult:
     rates = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
     if not vals or not trains:
         raise FileNotFoundError(f"no metrics in {run_dir(out, recipe, seed)}")
+    meta = run_dir(out, recipe, seed) / "run.json"
+    steps = json.loads(meta.read_text())["config"]["steps"] if meta.exists() else None
+    if steps is not None and vals[-1]["step"] != steps:
+        raise ValueError(f"{run_dir(out, recipe, seed)} is incomplete: last evaluation at step {vals[-1]['step']} "
+                         f"of {steps} (resume it with the same command)")  # fmt: skip
     return RunResult(recipe, seed, vals[-1]["val_loss"], trains[-1]["train_loss"],
                      statistics.median(rates) if rates else math.nan, rows)  # fmt: skip
 
