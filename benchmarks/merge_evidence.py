@@ -1,0 +1,98 @@
+"""Merge evidence runs made in several device sessions and tabulate them at matched steps.
+
+For every (recipe, seed) the longest run found under the ``--roots`` (each laid out as ``fourbit compare``
+writes, ``ROOT/<recipe>/seed<k>/metrics.jsonl``) is copied, metrics and config only, to ``OUT/runs``; then
+``OUT/summary.md`` gets one table per ``--steps`` value with the validation loss of every run that reached
+that step (mean, std and per-seed values, gap to BF16 paired by seed), and ``OUT/loss.png`` the curves
+(``fourbit.harness.compare.plot``; a mean over seeds stops where its shortest run stops).
+
+    PYTHONPATH=. python benchmarks/merge_evidence.py --roots /tmp/a/small /tmp/b/small --out docs/evidence/small \\
+        --recipes bf16,fp8,fp8-blockwise,mxfp4,nvfp4 --seeds 3 --steps 400,600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+from fourbit.harness.compare import BASELINE, plot, run_dir
+from fourbit.harness.train import read_metrics
+
+
+def _vals(d: Path) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in read_metrics(d) if r.get("val_loss") is not None}
+
+
+def merge(roots: list[Path], out: Path, recipes: list[str], seeds: int) -> dict[tuple[str, int], dict[int, float]]:
+    found = {}
+    for r in recipes:
+        for s in range(seeds):
+            cands = [run_dir(root, r, s) for root in roots if (run_dir(root, r, s) / "metrics.jsonl").exists()]
+            if not cands:
+                continue
+            best = max(cands, key=lambda d: max(_vals(d), default=-1))
+            dst = run_dir(out / "runs", r, s)
+            dst.mkdir(parents=True, exist_ok=True)
+            for name in ("metrics.jsonl", "run.json"):
+                shutil.copy(best / name, dst / name)
+            found[(r, s)] = _vals(dst)
+    return found
+
+
+def table(found, recipes: list[str], seeds: int, step: int) -> list[str]:
+    lines = [f"### Validation loss at step {step}", "",
+             "| recipe | val loss (mean ± std) | per seed | gap vs bf16 (mean, paired) | gap range |", "|---|---|---|---|---|"]  # fmt: skip
+    base = {s: found[(BASELINE, s)][step] for s in range(seeds) if step in found.get((BASELINE, s), {})}
+    for r in recipes:
+        ss = [s for s in range(seeds) if step in found.get((r, s), {}) and s in base]
+        if not ss:
+            lines.append(f"| {r} | not reached | | | |")
+            continue
+        v = [found[(r, s)][step] for s in ss]
+        gaps = [100.0 * (found[(r, s)][step] - base[s]) / base[s] for s in ss]
+        std = statistics.stdev(v) if len(v) > 1 else 0.0
+        per = ", ".join(f"s{s} {x:.4f}" for s, x in zip(ss, v))
+        gap = "—" if r == BASELINE else f"{statistics.fmean(gaps):+.2f}%"
+        rng = "—" if r == BASELINE else f"[{min(gaps):+.2f}, {max(gaps):+.2f}]%"
+        lines.append(f"| {r} | {statistics.fmean(v):.4f} ± {std:.4f} ({len(ss)} seeds) | {per} | {gap} | {rng} |")
+    return lines + [""]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--roots", nargs="+", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--recipes", required=True)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", default="600")
+    p.add_argument("--title", default="")
+    args = p.parse_args()
+    recipes = args.recipes.split(",")
+    found = merge(args.roots, args.out, recipes, args.seeds)
+    meta = json.loads((run_dir(args.out / "runs", BASELINE, 0) / "run.json").read_text())
+    lines = [f"# {args.title or 'Evidence runs'}", "",
+             f"Preset `{meta['config']['preset']}` ({meta['params'] / 1e6:.2f}M params), {meta['config']['steps']} steps x "
+             f"{meta['tokens_per_step']} tokens, device {meta['device']}, torch {meta['torch']}; runs merged from "
+             f"{len(args.roots)} session(s) by `benchmarks/merge_evidence.py`. Loss: mean next-token cross-entropy "
+             "(nats/token) on held-out plays.", ""]  # fmt: skip
+    for step in (int(s) for s in args.steps.split(",")):
+        lines += table(found, recipes, args.seeds, step)
+    (args.out / "summary.md").write_text("\n".join(lines))
+    complete = [r for r in recipes if all((r, s) in found for s in range(args.seeds))]
+    last = max(int(s) for s in args.steps.split(","))
+    rows = [{"recipe": r, "val_loss": statistics.fmean(v for s in range(args.seeds) for st, v in found[(r, s)].items() if st == max(found[(r, s)]))}
+            for r in complete]  # fmt: skip
+    summary = {"seeds": args.seeds, "recipes": complete, "rows": rows, "config": meta["config"], "info": {"steps": last},
+               **{k: meta[k] for k in ("model", "params", "tokens_per_step", "device", "torch", "val_works")}}  # fmt: skip
+    try:
+        plot(args.out / "runs", summary, args.out / "loss.png")
+    except Exception as e:  # the tables are the record; a plot that cannot be drawn is reported
+        print(f"no plot: {type(e).__name__}: {e}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
