@@ -50,7 +50,7 @@ if INTERPRET:
         for _name, _obj in list(vars(_mod).items()):
             if isinstance(_obj, JITFunction):
                 setattr(_mod, _name, _interp.InterpretedFunction(_obj.fn))
-    for _name in ("tl_formats", "nvfp4_quantize", "nvfp4_gemm", "dequant_gemm", "fp4_transpose"):
+    for _name in ("tl_formats", "tiling", "nvfp4_quantize", "nvfp4_gemm", "dequant_gemm", "fp4_transpose"):
         if f"fourbit.kernels.{_name}" in sys.modules:
             importlib.reload(sys.modules[f"fourbit.kernels.{_name}"])
 

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiling import grouped_tile
 from .tl_formats import decode_e4m3
 
 K_ALIGN = 64  # the dequantized operands' K is padded to this (the largest BK below)
@@ -108,14 +109,7 @@ def _configs():
 
 @triton.jit
 def _scaled_gemm_body(a_ptr, b_ptr, ta_ptr, tb_ptr, c_ptr, M, N, K, BM, BN, BK, GROUP_M, DOT_BF16):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     rows_a = (offs_m % M).to(tl.int64)  # rows past the edge re-read valid rows; their results are not stored

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ..schemes import NVFP4Config
+from .tiling import grouped_tile
 from .tl_formats import decode_e4m3
 
 TWO_POW_110 = tl.constexpr(1.298074214633707e33)  # 2^110: e2m1 * 2^-126 * scale * 2^110 = e2m1 * scale * 2^-16
@@ -119,14 +120,7 @@ def _qmm_kernel(
     GROUP_M: tl.constexpr,
     DOT_BF16: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N, BN)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
 
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
