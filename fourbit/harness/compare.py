@@ -208,7 +208,8 @@ def summary_markdown(summary: dict) -> str:
     lines += ["", "Loss is mean next-token cross-entropy in nats per token; gap = (L - L_bf16) / L_bf16, paired "
                   "by seed (same init, same batches). tokens/s is the median over logged intervals: "
                   + ("on CUDA, NVFP4 runs fused Triton quantize/GEMM kernels, FP8 runs scaled_mm with PyTorch "
-                     "reference quantizers, MXFP4 runs the reference path." if "cuda" in str(summary.get("device", ""))
+                     "reference quantizers, MXFP4 runs the reference quantizers and the dequantize-to-BF16 GEMM."
+                     if "cuda" in str(summary.get("device", ""))
                      else "the plain-PyTorch reference quantizers on the CPU, not kernels.")]  # fmt: skip
     return "\n".join(lines) + "\n"
 
