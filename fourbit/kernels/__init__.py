@@ -5,8 +5,12 @@ kernel covers the case (then ``fourbit.quantize`` runs the reference). ``backend
 kernel and raises where none can run (a CPU tensor, no triton, an uncovered option).
 
 Covered today: NVFP4 (1x16 and 16x16 blocks; float32/bfloat16/float16 input; RNE and stochastic
-rounding; ``pad``; a given ``amax``). Not covered, so they fall back to the reference: four-over-six,
-float64 input, empty tensors, MX and FP8 quantization.
+rounding, also with an ``ElementIndex``; ``pad``; a given ``amax``). Not covered, so they fall back to the
+reference: four-over-six, float64 input, empty tensors, MX and FP8 quantization.
+
+``quantize_wgrad(t, config, ...)`` builds a wgrad operand, ``quantize(rht(pad(t^T)))``, from the
+untransposed (tokens, features) tensor in one kernel (``wgrad_amax`` is its amax pass alone, for an
+all-reduce between data-parallel ranks); ``QuantLinear`` uses it for NVFP4 wgrad operands on CUDA.
 
 Non-contiguous inputs are copied to contiguous memory first (one extra read and write).
 
