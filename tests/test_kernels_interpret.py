@@ -249,3 +249,45 @@ def test_e2m1_magic_encoder_matches_reference():
     nan = torch.isnan(x)
     assert torch.equal(got[~nan], E2M1.encode(x[~nan]).to(torch.int32))
     assert not bool(got[nan].any())
+
+
+@pytest.mark.parametrize("rank", [None, 1], ids=["one-process", "rank1-of-2"])
+def test_quantlinear_fused_wgrad_equals_reference_chain(rank, monkeypatch, tmp_path):
+    """QuantLinear's dW through the fused wgrad kernel (here under the interpreter) equals dW through the
+    reference chain (transpose, pad, RHT, quantize), also as rank 1 of 2 data-parallel ranks: the global SR
+    index and the all-reduced amax (a 1-process gloo group stands in for the reduction) take the same path."""
+    import torch.distributed as dist
+
+    import fourbit.kernels as K
+    from fourbit.nn import QuantLinear
+    from fourbit.nn.linear import DataParallel
+
+    def applies_on_cpu(t, config, transform):  # the dispatch rule without its CUDA condition
+        return t.dim() == 2 and t.numel() > 0 and isinstance(config, NVFP4Config) and config.block == (1, 16)
+
+    monkeypatch.setattr(K, "_wgrad_kernel_applies", applies_on_cpu)
+    real, state = K.quantize_wgrad, {"fused": True, "calls": 0}
+
+    def fused_or_not(*a, **k):
+        state["calls"] += state["fused"]
+        return real(*a, **k) if state["fused"] else None
+
+    monkeypatch.setattr(K, "quantize_wgrad", fused_or_not)
+    parallel = None
+    if rank is not None:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+        parallel = DataParallel(dist.group.WORLD, rank, 2)
+    try:
+        lin = QuantLinear(64, 32, bias=False, recipe="nvfp4")
+        lin.parallel = parallel
+        x = torch.randn(40, 64, generator=torch.Generator().manual_seed(2))  # 40 tokens: padded to 48
+        grads = []
+        for fused in (True, False):
+            state["fused"], lin.step, lin.weight.grad = fused, 0, None
+            lin(x).square().sum().backward()
+            grads.append(lin.weight.grad.clone())
+        assert state["calls"] == 2, "the fused wgrad kernel was not used for both operands"
+        assert torch.equal(grads[0], grads[1])
+    finally:
+        if rank is not None:
+            dist.destroy_process_group()
