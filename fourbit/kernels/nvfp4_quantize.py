@@ -23,6 +23,10 @@ Pass 2 (``_quantize_kernel``) reads ``x`` once more, tile by tile, and writes pa
 Every float32 operation is the reference's, in its order, with IEEE rounding and subnormals kept
 (``tl_formats`` says how). Padding (``pad=True``) is done by masked loads: padded elements read as +0.
 Non-contiguous inputs are copied to contiguous memory first (one extra pass).
+
+The wgrad kernels at the end of the module (``quantize_nvfp4_wgrad``) share the scale rule
+(``_tensor_scales``, ``_block_scales``) and build the transposed, token-padded, Hadamard-transformed operand
+on the fly.
 """
 
 from __future__ import annotations
