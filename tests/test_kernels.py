@@ -195,6 +195,27 @@ def test_quantlinear_wgrad_uses_fused_kernel_bit_exact(monkeypatch):
     assert torch.equal(lin.weight.grad, fused_dw)
 
 
+MX_GPU_CASES = [(s, f) for s, f in (("mxfp4", None), ("mxfp6", None), ("mxfp6", "e3m2"), ("mxfp8", None), ("mxfp8", "e5m2"))]
+
+
+@gpu
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("mode", ["floor", "rceil"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("scheme,fmt", MX_GPU_CASES, ids=[f"{s}-{f or 'default'}" for s, f in MX_GPU_CASES])
+def test_mx_kernel_bit_exact(scheme, fmt, dtype, mode, rounding):
+    """The MX kernel (``backend="triton"``) = the reference, byte for byte, on edge inputs with padding,
+    non-finite blocks, scales across E8M0's range and an ElementIndex for stochastic rounding."""
+    for kind in KINDS:
+        x = edge_input(kind, (48, 208), dtype, _gen(30))  # 208 columns: padded to 224
+        x[1, 5] = float("nan")
+        index = ElementIndex(row_offset=3, col_offset=9, row_stride=1000) if rounding == "stochastic" else None
+        kw = dict(fmt=fmt, scale_mode=mode, rounding=rounding, seed=8 if rounding == "stochastic" else None,
+                  sr_index=index, pad=True, check_finite=False)  # fmt: skip
+        got = fourbit.quantize(x.cuda(), scheme, backend="triton", **kw)
+        assert_same_bytes(got, fourbit.quantize(x, scheme, backend="reference", **kw))
+
+
 # --- dispatch and bad input ------------------------------------------------------------------------
 
 
@@ -235,7 +256,9 @@ def test_uncovered_options():
         fourbit.quantize(x, "nvfp4", four_over_six=True, backend="triton")
     assert fourbit.quantize(x, "nvfp4", four_over_six=True).data.is_cuda  # auto falls back to the reference
     with pytest.raises(NotImplementedError, match="mxfp4"):
-        fourbit.quantize(x, "mxfp4", backend="triton")
+        fourbit.quantize(x, "mxfp4", block=(32, 32), backend="triton")  # 2D MX blocks: no kernel
+    with pytest.raises(NotImplementedError, match="fp8"):
+        fourbit.quantize(x, "fp8", backend="triton")
 
 
 def test_triton_backend_on_cpu_is_a_clear_error():

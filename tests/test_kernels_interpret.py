@@ -50,7 +50,7 @@ if INTERPRET:
         for _name, _obj in list(vars(_mod).items()):
             if isinstance(_obj, JITFunction):
                 setattr(_mod, _name, _interp.InterpretedFunction(_obj.fn))
-    for _name in ("tl_formats", "tiling", "nvfp4_quantize", "nvfp4_gemm", "dequant_gemm", "fp4_transpose"):
+    for _name in ("tl_formats", "tiling", "nvfp4_quantize", "nvfp4_gemm", "dequant_gemm", "fp4_transpose", "mx_quantize"):
         if f"fourbit.kernels.{_name}" in sys.modules:
             importlib.reload(sys.modules[f"fourbit.kernels.{_name}"])
 
@@ -291,3 +291,34 @@ def test_quantlinear_fused_wgrad_equals_reference_chain(rank, monkeypatch, tmp_p
     finally:
         if rank is not None:
             dist.destroy_process_group()
+
+
+MX_CASES = [
+    ("mxfp4", None, "floor", "nearest", torch.float32),
+    ("mxfp4", None, "rceil", "stochastic", torch.bfloat16),
+    ("mxfp8", None, "rceil", "nearest", torch.float32),
+    ("mxfp8", "e5m2", "floor", "stochastic", torch.float16),
+    ("mxfp6", None, "floor", "stochastic", torch.float32),
+    ("mxfp6", "e3m2", "rceil", "nearest", torch.float32),
+]
+
+
+@pytest.mark.parametrize("scheme,fmt,mode,rounding,dtype", MX_CASES, ids=[f"{c[0]}{'-' + c[1] if c[1] else ''}-{c[2]}-{c[3]}" for c in MX_CASES])
+def test_mx_kernel_matches_reference(scheme, fmt, mode, rounding, dtype):
+    """The MX kernel = ``fourbit.quantize(..., backend="reference")`` byte for byte: scales 2^-127..2^127
+    across blocks, a NaN block and an Inf block, padding to 32, stochastic rounding with an ElementIndex."""
+    from fourbit.kernels.mx_quantize import quantize_mx
+    from fourbit.schemes import resolve_scheme
+
+    gen = torch.Generator().manual_seed(len(scheme) + len(mode))
+    x = torch.randn(24, 200, generator=gen) * torch.logspace(-35, 35, 200)[None, :]
+    x[3, 40], x[7, 100] = float("nan"), float("-inf")
+    x[5, :32] = 0.0
+    x = x.to(dtype)
+    index = ElementIndex(row_offset=5, col_offset=7, row_stride=999) if rounding == "stochastic" else None
+    kw = dict(fmt=fmt, scale_mode=mode, rounding=rounding, seed=3 if rounding == "stochastic" else None, sr_index=index)
+    want = fourbit.quantize(x, scheme, pad=True, check_finite=False, backend="reference", **kw)
+    config = resolve_scheme(scheme, block=None, fmt=fmt, scale_mode=mode, four_over_six=None, pow2_scale=None)
+    data, scales = quantize_mx(x, config, Rounding.parse(rounding), kw["seed"], True, index, br=8, nb=2)
+    assert torch.equal(data, want.data)
+    assert torch.equal(scales.view(torch.uint8), want.scales.view(torch.uint8))

@@ -6,7 +6,9 @@ kernel and raises where none can run (a CPU tensor, no triton, an uncovered opti
 
 Covered today: NVFP4 (1x16 and 16x16 blocks; float32/bfloat16/float16 input; RNE and stochastic
 rounding, also with an ``ElementIndex``; ``pad``; a given ``amax``). Not covered, so they fall back to the
-reference: four-over-six, float64 input, empty tensors, MX and FP8 quantization.
+reference: four-over-six, float64 input, empty tensors, FP8 quantization, and MX under ``backend="auto"``:
+the MX kernel (``mx_quantize``, 1x32 blocks, every element format, FLOOR/RCEIL, RNE/SR) runs only with
+``backend="triton"`` until it has passed its tests on a GPU.
 
 ``quantize_wgrad(t, config, ...)`` builds a wgrad operand, ``quantize(rht(pad(t^T)))``, from the
 untransposed (tokens, features) tensor in one kernel (``wgrad_amax`` is its amax pass alone, for an
@@ -70,6 +72,15 @@ def quantize(x, config, *, rounding, seed, amax, pad, backend, sr_index=None):
     if not x.is_cuda or not triton_available():
         return None
     rounding = Rounding.parse(rounding)
+    from .mx_quantize import covers as _mx_covers
+
+    if backend == "triton" and _mx_covers(config) and x.dtype in _KERNEL_DTYPES and x.numel():
+        # MX: only on request until the kernel has passed its GPU tests (see mx_quantize's docstring)
+        from ..quantize import QuantizedTensor
+        from .mx_quantize import quantize_mx
+
+        data, scales = quantize_mx(x, config, rounding, seed, pad, sr_index)
+        return QuantizedTensor(data, scales, None, config, x.shape, x.dtype)
     why = _unsupported(config, x, rounding)
     if why is not None:
         if backend == "triton":
