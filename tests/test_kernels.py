@@ -216,6 +216,28 @@ def test_mx_kernel_bit_exact(scheme, fmt, dtype, mode, rounding):
         assert_same_bytes(got, fourbit.quantize(x, scheme, backend="reference", **kw))
 
 
+FP8_GPU_CASES = [(None, None), (None, "e5m2"), ((1, 128), None), ((128, 128), None), ((128, 128), "e5m2")]
+
+
+@gpu
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("pow2", [False, True], ids=["fp32-scale", "pow2-scale"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("block,fmt", FP8_GPU_CASES, ids=["tensor", "tensor-e5m2", "1x128", "128x128", "128x128-e5m2"])
+def test_fp8_kernel_bit_exact(block, fmt, dtype, pow2, rounding):
+    """The FP8 kernel (``backend="triton"``) = the reference, byte for byte and scale bit for scale bit,
+    on the edge inputs, padded shapes (rows and columns for 128x128) and with an ElementIndex for SR."""
+    for kind in KINDS:
+        x = edge_input(kind, (136, 208), dtype, _gen(31))
+        index = ElementIndex(row_offset=3, col_offset=9, row_stride=1000) if rounding == "stochastic" else None
+        kw = dict(block=block, fmt=fmt, pow2_scale=pow2, rounding=rounding, seed=8 if rounding == "stochastic" else None,
+                  sr_index=index, pad=block is not None, check_finite=False)  # fmt: skip
+        got = fourbit.quantize(x.cuda(), "fp8", backend="triton", **kw)
+        want = fourbit.quantize(x, "fp8", backend="reference", **kw)
+        assert torch.equal(got.data.cpu(), want.data)
+        assert torch.equal(got.scales.cpu().view(torch.int32), want.scales.view(torch.int32))
+
+
 # --- dispatch and bad input ------------------------------------------------------------------------
 
 
@@ -258,7 +280,7 @@ def test_uncovered_options():
     with pytest.raises(NotImplementedError, match="mxfp4"):
         fourbit.quantize(x, "mxfp4", block=(32, 32), backend="triton")  # 2D MX blocks: no kernel
     with pytest.raises(NotImplementedError, match="fp8"):
-        fourbit.quantize(x, "fp8", backend="triton")
+        fourbit.quantize(x, "fp8", block=(1, 32), backend="triton")  # FP8 with 1x32 tiles: no kernel
 
 
 def test_triton_backend_on_cpu_is_a_clear_error():

@@ -50,7 +50,7 @@ if INTERPRET:
         for _name, _obj in list(vars(_mod).items()):
             if isinstance(_obj, JITFunction):
                 setattr(_mod, _name, _interp.InterpretedFunction(_obj.fn))
-    for _name in ("tl_formats", "tiling", "nvfp4_quantize", "nvfp4_gemm", "dequant_gemm", "fp4_transpose", "mx_quantize"):
+    for _name in ("tl_formats", "tiling", "nvfp4_quantize", "nvfp4_gemm", "dequant_gemm", "fp4_transpose", "mx_quantize", "fp8_quantize"):
         if f"fourbit.kernels.{_name}" in sys.modules:
             importlib.reload(sys.modules[f"fourbit.kernels.{_name}"])
 
@@ -322,3 +322,37 @@ def test_mx_kernel_matches_reference(scheme, fmt, mode, rounding, dtype):
     data, scales = quantize_mx(x, config, Rounding.parse(rounding), kw["seed"], True, index, br=8, nb=2)
     assert torch.equal(data, want.data)
     assert torch.equal(scales.view(torch.uint8), want.scales.view(torch.uint8))
+
+
+FP8_CASES = [
+    (None, None, False, "nearest", torch.float32, None),
+    (None, "e5m2", False, "stochastic", torch.bfloat16, None),
+    (None, None, True, "nearest", torch.float16, 0.75),  # a given amax, below the true one: saturation
+    ((1, 128), None, False, "nearest", torch.float32, None),
+    ((1, 128), None, True, "stochastic", torch.bfloat16, None),
+    ((128, 128), None, False, "stochastic", torch.float32, None),
+    ((128, 128), "e5m2", True, "nearest", torch.float32, None),
+]
+
+
+@pytest.mark.parametrize("block,fmt,pow2,rounding,dtype,amax", FP8_CASES, ids=[f"case{i}" for i in range(len(FP8_CASES))])
+def test_fp8_kernel_matches_reference(block, fmt, pow2, rounding, dtype, amax):
+    """The FP8 kernel = the reference byte for byte (codes, float32 scale bits): NaN and Inf elements, an
+    all-zero tile, padding to 128 (rows too for 128x128), stochastic rounding with an ElementIndex."""
+    from fourbit.kernels.fp8_quantize import quantize_fp8
+    from fourbit.schemes import resolve_scheme
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(136, 200, generator=gen) * torch.logspace(-20, 20, 136)[:, None]
+    x[0, :] = 0.0
+    if block is not None:  # per tensor, a NaN or Inf makes every scale non-finite; tested by the others
+        x[3, 40], x[7, 100] = float("nan"), float("-inf")
+    x = x.to(dtype)
+    index = ElementIndex(row_offset=2, col_offset=5, row_stride=512) if rounding == "stochastic" else None
+    kw = dict(block=block, fmt=fmt, pow2_scale=pow2, rounding=rounding, seed=4 if rounding == "stochastic" else None,
+              sr_index=index, amax=amax)  # fmt: skip
+    want = fourbit.quantize(x, "fp8", pad=block is not None, check_finite=False, backend="reference", **kw)
+    config = resolve_scheme("fp8", block=block, fmt=fmt, scale_mode=None, four_over_six=None, pow2_scale=pow2)
+    data, scales = quantize_fp8(x, config, Rounding.parse(rounding), kw["seed"], amax, block is not None, index)
+    assert torch.equal(data, want.data)
+    assert torch.equal(scales.view(torch.int32), want.scales.view(torch.int32))

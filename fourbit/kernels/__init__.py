@@ -6,9 +6,10 @@ kernel and raises where none can run (a CPU tensor, no triton, an uncovered opti
 
 Covered today: NVFP4 (1x16 and 16x16 blocks; float32/bfloat16/float16 input; RNE and stochastic
 rounding, also with an ``ElementIndex``; ``pad``; a given ``amax``). Not covered, so they fall back to the
-reference: four-over-six, float64 input, empty tensors, FP8 quantization, and MX under ``backend="auto"``:
-the MX kernel (``mx_quantize``, 1x32 blocks, every element format, FLOOR/RCEIL, RNE/SR) runs only with
-``backend="triton"`` until it has passed its tests on a GPU.
+reference: four-over-six, float64 input, empty tensors, and MX and FP8 under ``backend="auto"``: the MX
+kernel (``mx_quantize``: 1x32 blocks, every element format, FLOOR/RCEIL, RNE/SR) and the FP8 kernel
+(``fp8_quantize``: per tensor, 1x128, 128x128, pow2 scales, RNE/SR) run only with ``backend="triton"``
+until they have passed their tests on a GPU.
 
 ``quantize_wgrad(t, config, ...)`` builds a wgrad operand, ``quantize(rht(pad(t^T)))``, from the
 untransposed (tokens, features) tensor in one kernel (``wgrad_amax`` is its amax pass alone, for an
@@ -80,6 +81,15 @@ def quantize(x, config, *, rounding, seed, amax, pad, backend, sr_index=None):
         from .mx_quantize import quantize_mx
 
         data, scales = quantize_mx(x, config, rounding, seed, pad, sr_index)
+        return QuantizedTensor(data, scales, None, config, x.shape, x.dtype)
+    from .fp8_quantize import covers as _fp8_covers
+
+    if backend == "triton" and _fp8_covers(config) and x.dtype in _KERNEL_DTYPES and x.numel():
+        # FP8: only on request until the kernel has passed its GPU tests (see fp8_quantize's docstring)
+        from ..quantize import QuantizedTensor
+        from .fp8_quantize import quantize_fp8
+
+        data, scales = quantize_fp8(x, config, rounding, seed, amax, pad, sr_index)
         return QuantizedTensor(data, scales, None, config, x.shape, x.dtype)
     why = _unsupported(config, x, rounding)
     if why is not None:
