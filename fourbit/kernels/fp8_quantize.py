@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ..rounding import ElementIndex, Rounding, seed_key
 from ..schemes import FP8Config
-from .tl_formats import F32_MAX, encode_exmy, random_bits
+from .tl_formats import F32_MAX, div_ieee, encode_exmy, exmy_constants, random_bits
 
 TILE_C = 128  # columns per program, and the width of a 1x128 / 128x128 block
 _TILE_C = tl.constexpr(TILE_C)  # the same, as a constant the kernel can read
@@ -41,10 +41,7 @@ def _exp2i(k):
 @triton.jit
 def _encode_scale(amax, ELEM_MAX: tl.constexpr, POW2: tl.constexpr, PRECISE_DIV: tl.constexpr):
     """s_enc from a float32 amax: elem_max / amax, pow2-rounded down, 1 where amax is 0, NaN where not finite."""
-    if PRECISE_DIV:
-        s_enc = tl.math.div_rn(tl.full(amax.shape, ELEM_MAX, tl.float32), amax)
-    else:
-        s_enc = ELEM_MAX / amax
+    s_enc = div_ieee(tl.full(amax.shape, ELEM_MAX, tl.float32), amax, PRECISE_DIV)
     if POW2:
         s_enc = _exp2i(((s_enc.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127)
     s_enc = tl.where(amax == 0, 1.0, s_enc)
@@ -99,10 +96,7 @@ def _fp8_quantize_kernel(
         rbits = random_bits(key, (r + row_off) * c_index + (c + col_off))
     codes = encode_exmy(y, rbits, EBITS, MBITS, EMIN, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC)
     tl.store(data_ptr + r * Cp + c, codes.to(tl.uint8), mask=(r < Rp) & (c < Cp))
-    if PRECISE_DIV:
-        dec = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-    else:
-        dec = 1.0 / s
+    dec = div_ieee(tl.full(s.shape, 1.0, tl.float32), s, PRECISE_DIV)
     if PER_TENSOR:
         rows0 = tl.arange(0, TR)[:, None]  # every row holds the same scale: row 0 of program (0, 0) stores it
         first = (rows0 == 0) & (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
@@ -149,14 +143,12 @@ def quantize_fp8(x: torch.Tensor, config: FP8Config, rounding: Rounding, seed: i
     key = key - (1 << 32) if key >= 1 << 31 else key
     index = sr_index or ElementIndex()
     row_stride = index.row_stride if index.row_stride is not None else C
-    inf_code = elem.inf_code if elem.inf_code is not None else (elem.nan_code if elem.nan_code is not None else elem.max_code)
     tr = 128 if br == 128 else 32
     grid = (triton.cdiv(Rp, tr), triton.cdiv(Cp, TILE_C))
     _fp8_quantize_kernel[grid](
         xc, amax_t, data, scales, R, C, Rp, Cp, index.row_offset, index.col_offset, row_stride, key,
-        ELEM_MAX=float(elem.max), PER_TENSOR=per_tensor, BLOCK_R=br, POW2=config.pow2_scale, EBITS=elem.ebits,
-        MBITS=elem.mbits, EMIN=elem.emin, MAX_CODE=elem.max_code, INF_CODE=inf_code,
-        NAN_CODE=elem.nan_code if elem.nan_code is not None else 0, STOCHASTIC=stochastic, PRECISE_DIV=not interpret,
+        ELEM_MAX=float(elem.max), PER_TENSOR=per_tensor, BLOCK_R=br, POW2=config.pow2_scale, **exmy_constants(elem),
+        STOCHASTIC=stochastic, PRECISE_DIV=not interpret,
         TR=tr, num_warps=8 if tr == 128 else 4, **({} if interpret else dict(enable_fp_fusion=False)),
     )  # fmt: skip
     if per_tensor or br == 1:

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..rounding import ElementIndex, Rounding, seed_key
 from ..schemes import MXConfig, ScaleMode
-from .tl_formats import encode_exmy, random_bits
+from .tl_formats import encode_exmy, exmy_constants, random_bits
 
 MX_BLOCK = 32
 
@@ -122,15 +122,11 @@ def quantize_mx(x: torch.Tensor, config: MXConfig, rounding: Rounding, seed: int
     key = key - (1 << 32) if key >= 1 << 31 else key
     index = sr_index or ElementIndex()
     row_stride = index.row_stride if index.row_stride is not None else C
-    max_code = elem.max_code
-    inf_code = elem.inf_code if elem.inf_code is not None else (elem.nan_code if elem.nan_code is not None else max_code)
-    nan_code = elem.nan_code if elem.nan_code is not None else 0
     grid = (triton.cdiv(R, br), triton.cdiv(Cp // MX_BLOCK, nb))
     _mx_quantize_kernel[grid](
         xc, data, scales, R, C, Cp, index.row_offset, index.col_offset, row_stride, key,
         INV_ELEM_MAX=float(torch.tensor(1.0 / elem.max, dtype=torch.float32)), EMAX_ELEM=int(math.floor(math.log2(elem.max))),
-        RCEIL=config.scale_mode is ScaleMode.RCEIL, EBITS=elem.ebits, MBITS=elem.mbits, EMIN=elem.emin,
-        MAX_CODE=max_code, INF_CODE=inf_code, NAN_CODE=nan_code, PACKED=packed, STOCHASTIC=stochastic,
+        RCEIL=config.scale_mode is ScaleMode.RCEIL, **exmy_constants(elem), PACKED=packed, STOCHASTIC=stochastic,
         BR=br, NB=nb, num_warps=num_warps, **({} if not x.is_cuda else dict(enable_fp_fusion=False)),
     )  # fmt: skip
     lead = x.shape[:-1]

@@ -41,7 +41,7 @@ from ..formats import E2M1_MAX, E4M3_MAX
 from ..nvfp4 import ONE_SIXTH
 from ..rounding import ElementIndex, Rounding, seed_key
 from ..schemes import NVFP4Config
-from .tl_formats import F32_MAX, decode_e4m3, encode_e2m1, encode_e2m1_rne_magic, encode_e4m3, random_bits
+from .tl_formats import F32_MAX, decode_e4m3, div_ieee, encode_e2m1, encode_e2m1_rne_magic, encode_e4m3, random_bits
 
 EXACT_OPTIONS = dict(enable_fp_fusion=False, enable_reflect_ftz=False)  # IEEE float32, as the reference
 ONE_SIXTH_F32 = float(ONE_SIXTH)  # fp32(1/6), exactly representable as a Python float
@@ -89,17 +89,11 @@ def _pack8(codes):
 def _tensor_scales(amax_ptr, SCALE_BOUND: tl.constexpr, PRECISE_DIV: tl.constexpr):
     """s_enc = min(6 * 448 / amax, FLT_MAX), 1 if amax is 0 or not finite; s_dec = 1 / s_enc (float32 scalars)."""
     amax = tl.load(amax_ptr)
-    if PRECISE_DIV:
-        s_enc = tl.math.div_rn(tl.full([], SCALE_BOUND, tl.float32), amax)
-    else:
-        s_enc = SCALE_BOUND / amax
+    s_enc = div_ieee(tl.full([], SCALE_BOUND, tl.float32), amax, PRECISE_DIV)
     s_enc = tl.where(s_enc > F32_MAX, F32_MAX, s_enc)
     amax_bits = amax.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     s_enc = tl.where((amax == 0) | (amax_bits >= 0x7F800000), 1.0, s_enc)
-    if PRECISE_DIV:
-        s_dec = tl.math.div_rn(tl.full([], 1.0, tl.float32), s_enc)
-    else:
-        s_dec = 1.0 / s_enc
+    s_dec = div_ieee(tl.full([], 1.0, tl.float32), s_enc, PRECISE_DIV)
     return s_enc, s_dec
 
 
@@ -115,10 +109,7 @@ def _block_scales(bmax, s_enc, s_dec, ONE_SIXTH_C: tl.constexpr, PRECISE_DIV: tl
     base = amax_b * (s_enc * ONE_SIXTH_C)
     scode = encode_e4m3(base)
     denom = decode_e4m3(scode) * s_dec
-    if PRECISE_DIV:
-        inv = tl.math.div_rn(tl.full(denom.shape, 1.0, tl.float32), denom)
-    else:
-        inv = 1.0 / denom
+    inv = div_ieee(tl.full(denom.shape, 1.0, tl.float32), denom, PRECISE_DIV)
     s_enc_b = tl.where(denom == 0, 0.0, inv)
     s_enc_b = tl.where(finite_b, s_enc_b, float("nan"))
     scode = tl.where(finite_b, scode, 0x7F)

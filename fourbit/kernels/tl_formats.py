@@ -87,6 +87,22 @@ def encode_exmy(
     return mag | (sign << (EBITS + MBITS))
 
 
+def exmy_constants(fmt) -> dict:
+    """``encode_exmy``'s constexpr arguments for a ``fourbit.formats.FloatFormat`` (saturating encode):
+    Inf goes to the format's Inf, else its NaN, else its largest finite code; NaN to its NaN, else +0."""
+    inf = fmt.inf_code if fmt.inf_code is not None else (fmt.nan_code if fmt.nan_code is not None else fmt.max_code)
+    nan = fmt.nan_code if fmt.nan_code is not None else 0
+    return dict(EBITS=fmt.ebits, MBITS=fmt.mbits, EMIN=fmt.emin, MAX_CODE=fmt.max_code, INF_CODE=inf, NAN_CODE=nan)
+
+
+@triton.jit
+def div_ieee(a, b, PRECISE: tl.constexpr):
+    """a / b rounded once (``div.rn.f32``); ``PRECISE=False`` (the CPU interpreter, IEEE anyway) uses ``/``."""
+    if PRECISE:
+        return tl.math.div_rn(a, b)
+    return a / b
+
+
 @triton.jit
 def encode_e4m3(x):
     """float32 -> E4M3 (fn) code, RNE, saturating to 448; Inf and NaN -> 0x7F (NaN)."""
