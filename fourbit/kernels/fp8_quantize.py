@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..rounding import ElementIndex, Rounding, seed_key
+from ..rounding import ElementIndex, Rounding
 from ..schemes import FP8Config
-from .tl_formats import F32_MAX, div_ieee, encode_exmy, exmy_constants, random_bits
+from .tl_formats import F32_MAX, div_ieee, encode_exmy, exmy_constants, random_bits, sr_args
 
 TILE_C = 128  # columns per program, and the width of a 1x128 / 128x128 block
 _TILE_C = tl.constexpr(TILE_C)  # the same, as a constant the kernel can read
@@ -139,14 +139,11 @@ def quantize_fp8(x: torch.Tensor, config: FP8Config, rounding: Rounding, seed: i
         scales = torch.empty((Rp // br, Cp // TILE_C), dtype=torch.float32, device=x.device)
     data = torch.empty((Rp, Cp), dtype=torch.uint8, device=x.device)
     stochastic = rounding is Rounding.STOCHASTIC
-    key = seed_key(seed) if stochastic else 0
-    key = key - (1 << 32) if key >= 1 << 31 else key
-    index = sr_index or ElementIndex()
-    row_stride = index.row_stride if index.row_stride is not None else C
+    row_off, col_off, row_stride, key = sr_args(stochastic, seed, sr_index, C)
     tr = 128 if br == 128 else 32
     grid = (triton.cdiv(Rp, tr), triton.cdiv(Cp, TILE_C))
     _fp8_quantize_kernel[grid](
-        xc, amax_t, data, scales, R, C, Rp, Cp, index.row_offset, index.col_offset, row_stride, key,
+        xc, amax_t, data, scales, R, C, Rp, Cp, row_off, col_off, row_stride, key,
         ELEM_MAX=float(elem.max), PER_TENSOR=per_tensor, BLOCK_R=br, POW2=config.pow2_scale, **exmy_constants(elem),
         STOCHASTIC=stochastic, PRECISE_DIV=not interpret,
         TR=tr, num_warps=8 if tr == 128 else 4, **({} if interpret else dict(enable_fp_fusion=False)),

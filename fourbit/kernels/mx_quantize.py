@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..rounding import ElementIndex, Rounding, seed_key
+from ..rounding import ElementIndex, Rounding
 from ..schemes import MXConfig, ScaleMode
-from .tl_formats import encode_exmy, exmy_constants, random_bits
+from .tl_formats import encode_exmy, exmy_constants, random_bits, sr_args
 
 MX_BLOCK = 32
 
@@ -118,13 +118,10 @@ def quantize_mx(x: torch.Tensor, config: MXConfig, rounding: Rounding, seed: int
     data = torch.empty((R, Cp // 2 if packed else Cp), dtype=torch.uint8, device=x.device)
     scales = torch.empty((R, Cp // MX_BLOCK), dtype=torch.uint8, device=x.device)
     stochastic = rounding is Rounding.STOCHASTIC
-    key = seed_key(seed) if stochastic else 0
-    key = key - (1 << 32) if key >= 1 << 31 else key
-    index = sr_index or ElementIndex()
-    row_stride = index.row_stride if index.row_stride is not None else C
+    row_off, col_off, row_stride, key = sr_args(stochastic, seed, sr_index, C)
     grid = (triton.cdiv(R, br), triton.cdiv(Cp // MX_BLOCK, nb))
     _mx_quantize_kernel[grid](
-        xc, data, scales, R, C, Cp, index.row_offset, index.col_offset, row_stride, key,
+        xc, data, scales, R, C, Cp, row_off, col_off, row_stride, key,
         INV_ELEM_MAX=float(torch.tensor(1.0 / elem.max, dtype=torch.float32)), EMAX_ELEM=int(math.floor(math.log2(elem.max))),
         RCEIL=config.scale_mode is ScaleMode.RCEIL, **exmy_constants(elem), PACKED=packed, STOCHASTIC=stochastic,
         BR=br, NB=nb, num_warps=num_warps, **({} if not x.is_cuda else dict(enable_fp_fusion=False)),

@@ -39,9 +39,9 @@ import triton.language as tl
 
 from ..formats import E2M1_MAX, E4M3_MAX
 from ..nvfp4 import ONE_SIXTH
-from ..rounding import ElementIndex, Rounding, seed_key
+from ..rounding import Rounding
 from ..schemes import NVFP4Config
-from .tl_formats import F32_MAX, decode_e4m3, div_ieee, encode_e2m1, encode_e2m1_rne_magic, encode_e4m3, random_bits
+from .tl_formats import F32_MAX, decode_e4m3, div_ieee, encode_e2m1, encode_e2m1_rne_magic, encode_e4m3, random_bits, sr_args
 
 EXACT_OPTIONS = dict(enable_fp_fusion=False, enable_reflect_ftz=False)  # IEEE float32, as the reference
 ONE_SIXTH_F32 = float(ONE_SIXTH)  # fp32(1/6), exactly representable as a Python float
@@ -224,10 +224,7 @@ def quantize_nvfp4(
     scales = torch.empty((Rp // br, Cp // bc), dtype=torch.uint8, device=x.device)
     tscale = torch.empty((), dtype=torch.float32, device=x.device)
     stochastic = rounding is Rounding.STOCHASTIC
-    key = seed_key(seed) if stochastic else 0
-    key = key - (1 << 32) if key >= 1 << 31 else key  # passed as int32; the kernel reinterprets as uint32
-    index = sr_index or ElementIndex()
-    row_stride = index.row_stride if index.row_stride is not None else C
+    row_off, col_off, row_stride, key = sr_args(stochastic, seed, sr_index, C)
 
     # a program owns (BR rows) x (NB blocks of 16 columns): ``tile`` elements for 1x16, 16 x NB for 16x16
     NB = min(max_blocks, triton.next_power_of_2(Cp // 16), max(1, tile // (16 * br)))
@@ -244,8 +241,8 @@ def quantize_nvfp4(
         C,
         Rp,
         Cp,
-        index.row_offset,
-        index.col_offset,
+        row_off,
+        col_off,
         row_stride,
         key,
         SCALE_BOUND=E2M1_MAX * E4M3_MAX,
@@ -387,33 +384,28 @@ def quantize_nvfp4_wgrad(
     has_rht = signs is not None
     signs_t = signs if has_rht else tc  # (unused without RHT)
     if amax is None:
-        amax_i = torch.zeros(1, dtype=torch.int32, device=t.device)
-        _wgrad_amax_kernel[grid](tc, signs_t, amax_i, M, F, BF=bf, NB=nb, HAS_RHT=has_rht, num_warps=num_warps)
-        amax_t = amax_i.view(torch.float32)
+        amax_t = wgrad_amax(tc, signs, bf=bf, nb=nb, num_warps=num_warps)
     else:
         amax_t = torch.as_tensor(amax, dtype=torch.float32, device=t.device).reshape(1).contiguous()
     data = torch.empty((F, Mp // 2), dtype=torch.uint8, device=t.device)
     scales = torch.empty((F, Mp // 16), dtype=torch.uint8, device=t.device)
     tscale = torch.empty((), dtype=torch.float32, device=t.device)
     stochastic = rounding is Rounding.STOCHASTIC
-    key = seed_key(seed) if stochastic else 0
-    key = key - (1 << 32) if key >= 1 << 31 else key
-    index = sr_index or ElementIndex()
-    row_stride = index.row_stride if index.row_stride is not None else Mp
+    row_off, col_off, row_stride, key = sr_args(stochastic, seed, sr_index, Mp)
     _wgrad_quantize_kernel[grid](
-        tc, signs_t, amax_t, data.view(torch.int32), scales, tscale, M, F, Mp,
-        index.row_offset, index.col_offset, row_stride, key,
+        tc, signs_t, amax_t, data.view(torch.int32), scales, tscale, M, F, Mp, row_off, col_off, row_stride, key,
         SCALE_BOUND=E2M1_MAX * E4M3_MAX, ONE_SIXTH_C=ONE_SIXTH_F32, HAS_RHT=has_rht, STOCHASTIC=stochastic,
         PRECISE_DIV=not interpret, BF=bf, NB=nb, num_warps=num_warps, **({} if interpret else EXACT_OPTIONS),
     )  # fmt: skip
     return data, scales.view(torch.float8_e4m3fn), tscale
 
 
-def wgrad_amax(t: torch.Tensor, signs: torch.Tensor | None, *, bf: int = 32, nb: int = 4) -> torch.Tensor:
+def wgrad_amax(t: torch.Tensor, signs: torch.Tensor | None, *, bf: int = 32, nb: int = 4, num_warps: int = 4) -> torch.Tensor:
     """max |rht(pad(t^T))| (float32, one element): the amax pass alone, for an all-reduce before quantizing."""
     tc = t.reshape(-1, t.shape[-1]).contiguous()
     M, F = tc.shape
     out = torch.zeros(1, dtype=torch.int32, device=t.device)
     grid = (triton.cdiv(F, bf), triton.cdiv((M + (-M) % 16) // 16, nb))
-    _wgrad_amax_kernel[grid](tc, signs if signs is not None else tc, out, M, F, BF=bf, NB=nb, HAS_RHT=signs is not None)
+    _wgrad_amax_kernel[grid](tc, signs if signs is not None else tc, out, M, F, BF=bf, NB=nb, HAS_RHT=signs is not None,
+                             num_warps=num_warps)  # fmt: skip
     return out.view(torch.float32)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..rounding import ElementIndex, seed_key
+
 # lowbias32 multipliers (fourbit.rounding), as uint32 constants
 HASH_MUL1 = tl.constexpr(0x7FEB352D)
 HASH_MUL2 = tl.constexpr(0x846CA68B)
@@ -85,6 +87,16 @@ def encode_exmy(
     mag = tl.where(nonfinite, INF_CODE, mag)
     mag = tl.where(isnan, NAN_CODE, mag)
     return mag | (sign << (EBITS + MBITS))
+
+
+def sr_args(stochastic: bool, seed: int | None, sr_index, row_len: int) -> tuple[int, int, int, int]:
+    """(row_off, col_off, row_stride, key) for a kernel that draws ``random_bits(key, (r + row_off) *
+    row_stride + c + col_off)``: the ``ElementIndex`` (default: the tensor itself, rows of ``row_len``) and
+    the seed's 32-bit key as an int32 (the kernel reinterprets it as uint32; 0 without stochastic rounding)."""
+    key = seed_key(seed) if stochastic else 0
+    index = sr_index or ElementIndex()
+    stride = index.row_stride if index.row_stride is not None else row_len
+    return index.row_offset, index.col_offset, stride, key - (1 << 32) if key >= 1 << 31 else key
 
 
 def exmy_constants(fmt) -> dict:
