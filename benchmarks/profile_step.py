@@ -74,20 +74,25 @@ def kernel_groups(prof) -> dict[str, float]:
     return totals
 
 
+def host_time(fn, n: int, warmup: int) -> tuple[float, float]:
+    """Seconds per call of ``fn`` on the host (a loop without syncs) and including the final sync (wall)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n
+    torch.cuda.synchronize()
+    return host, (time.perf_counter() - t0) / n
+
+
 def quantize_host_overhead(lines: list[str]) -> None:
     """Wall time per ``fourbit.quantize`` call in a loop without syncs vs the kernels' GPU time."""
     x = torch.randn(16384, 768, device="cuda", dtype=torch.bfloat16)
     for label, kw in (("1x16 RNE", {}), ("1x16 SR", dict(rounding="stochastic", seed=1)), ("16x16", dict(block=(16, 16)))):
-        for _ in range(10):
-            fourbit.quantize(x, "nvfp4", check_finite=False, **kw)
-        torch.cuda.synchronize()
         n = 200
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fourbit.quantize(x, "nvfp4", check_finite=False, **kw)
-        host = (time.perf_counter() - t0) / n
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / n
+        host, wall = host_time(lambda: fourbit.quantize(x, "nvfp4", check_finite=False, **kw), n, warmup=10)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         g = torch.cuda.CUDAGraph()
         try:
@@ -126,15 +131,7 @@ def host_cost_breakdown(lines: list[str]) -> None:
     }  # fmt: skip
     lines += ["", "| piece of one quantize call (16384x768 bf16) | host us per call |", "|---|---|"]
     for name, fn in pieces.items():
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        n = 500
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        host = (time.perf_counter() - t0) / n
-        torch.cuda.synchronize()
+        host, _ = host_time(fn, 500, warmup=20)
         lines.append(f"| {name} | {host * 1e6:.1f} |")
 
 
