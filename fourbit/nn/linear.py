@@ -252,7 +252,7 @@ class _QuantLinearFunction(torch.autograd.Function):
                 qa, qb = fused
             else:
                 a, b = wgrad_inputs(dy, x, recipe)  # transposed, padded, RHT'd
-                index = _tokens_index(a, parallel)
+                index = _tokens_index(a.shape[1], parallel)
                 qa = quantize_operand(a, recipe.wgrad.a, seed=seed(Role.WGRAD_DY), parallel=parallel, sr_index=index)
                 qb = quantize_operand(b, recipe.wgrad.b, seed=seed(Role.WGRAD_X), parallel=parallel, sr_index=index)
             dw = qmm(qa, qb, accumulation=recipe.accumulation, out_dtype=weight.dtype)
@@ -270,10 +270,7 @@ def _fused_wgrad_operands(dy, x, recipe: Recipe, seed, parallel: DataParallel | 
     if token_multiple(recipe) != RHT_SIZE or not all(isinstance(op.scheme, NVFP4Config) for op in ops):
         return None
     transform = RHT(RHT_SIZE, recipe.rht_seed) if recipe.wgrad.a.rht else None
-    tokens = dy.shape[0] + (-dy.shape[0]) % RHT_SIZE
-    index = None
-    if parallel is not None:
-        index = ElementIndex(col_offset=parallel.rank * tokens, row_stride=parallel.world_size * tokens)
+    index = _tokens_index(dy.shape[0] + (-dy.shape[0]) % RHT_SIZE, parallel)
     out = []
     for t, op, role in ((dy, ops[0], Role.WGRAD_DY), (x, ops[1], Role.WGRAD_X)):
         amax = None
@@ -300,11 +297,11 @@ def _rows_index(t: torch.Tensor, parallel: DataParallel | None) -> ElementIndex 
     return ElementIndex(row_offset=parallel.rank * t.shape[0])
 
 
-def _tokens_index(t: torch.Tensor, parallel: DataParallel | None) -> ElementIndex | None:
-    """A (features, tokens) shard (wgrad's transposed operands): columns offset, global row length."""
+def _tokens_index(tokens: int, parallel: DataParallel | None) -> ElementIndex | None:
+    """A (features, tokens) shard (wgrad's transposed operands, ``tokens`` padded): columns offset, global
+    row length."""
     if parallel is None:
         return None
-    tokens = t.shape[1]
     return ElementIndex(col_offset=parallel.rank * tokens, row_stride=parallel.world_size * tokens)
 
 
