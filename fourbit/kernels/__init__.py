@@ -73,24 +73,19 @@ def quantize(x, config, *, rounding, seed, amax, pad, backend, sr_index=None):
     if not x.is_cuda or not triton_available():
         return None
     rounding = Rounding.parse(rounding)
-    from .mx_quantize import covers as _mx_covers
+    if backend == "triton" and x.dtype in _KERNEL_DTYPES and x.numel():
+        # MX and FP8: only on request until the kernels have passed their GPU tests (their docstrings say so)
+        from . import fp8_quantize, mx_quantize
 
-    if backend == "triton" and _mx_covers(config) and x.dtype in _KERNEL_DTYPES and x.numel():
-        # MX: only on request until the kernel has passed its GPU tests (see mx_quantize's docstring)
-        from ..quantize import QuantizedTensor
-        from .mx_quantize import quantize_mx
+        out = None
+        if mx_quantize.covers(config):
+            out = mx_quantize.quantize_mx(x, config, rounding, seed, pad, sr_index)
+        elif fp8_quantize.covers(config):
+            out = fp8_quantize.quantize_fp8(x, config, rounding, seed, amax, pad, sr_index)
+        if out is not None:
+            from ..quantize import QuantizedTensor
 
-        data, scales = quantize_mx(x, config, rounding, seed, pad, sr_index)
-        return QuantizedTensor(data, scales, None, config, x.shape, x.dtype)
-    from .fp8_quantize import covers as _fp8_covers
-
-    if backend == "triton" and _fp8_covers(config) and x.dtype in _KERNEL_DTYPES and x.numel():
-        # FP8: only on request until the kernel has passed its GPU tests (see fp8_quantize's docstring)
-        from ..quantize import QuantizedTensor
-        from .fp8_quantize import quantize_fp8
-
-        data, scales = quantize_fp8(x, config, rounding, seed, amax, pad, sr_index)
-        return QuantizedTensor(data, scales, None, config, x.shape, x.dtype)
+            return QuantizedTensor(*out, None, config, x.shape, x.dtype)
     why = _unsupported(config, x, rounding)
     if why is not None:
         if backend == "triton":
