@@ -6,9 +6,12 @@
 #   env      GPU, driver, torch/triton versions
 #   tests    every @pytest.mark.gpu test (kernels bit-exact against the CPU reference, training on CUDA)
 #   gemm     benchmarks/bench_gemm.py (NVFP4 qmm methods at 8192^3 and on the gpu preset's GEMM shapes)
-#   quant    benchmarks/bench_quantize.py and benchmarks/bench_linear.py
+#   quant    benchmarks/bench_quantize.py
+#   linear   benchmarks/bench_linear.py (quantized Linear 8192 forward + backward vs nn.Linear BF16)
+#   wgrad    benchmarks/bench_wgrad.py (fused wgrad-operand kernel vs a device copy)
 #   profile  benchmarks/profile_step.py (step time per recipe vs BF16, kernel-group profile)
 #   small    fourbit compare --preset small --ablations --seeds 3, runs spread over $JOBS worker processes
+#   runs     benchmarks/evidence_runs.py --preset $RUNS_PRESET --runs $RUNS (chosen recipe:seed runs), to /tmp/runs
 #   gpu      fourbit compare --preset gpu --seeds $SEEDS --steps $STEPS (main recipes; ABL=1 adds ablations)
 # Compare runs keep metrics.jsonl and config files only (tarred to $OUT/<phase>.tgz): no checkpoints.
 set -o pipefail
@@ -33,10 +36,16 @@ if has gemm; then
   echo "gemm rc=$?"; grep -E "^\|" $OUT/bench_gemm.log | tail -30
 fi
 if has quant; then
-  timeout ${T_QUANT:-90} python3 benchmarks/bench_quantize.py --out $OUT/bench_quantize.md > $OUT/bench_quantize.log 2>&1
+  timeout ${T_QUANT:-90} python3 benchmarks/bench_quantize.py > $OUT/bench_quantize.log 2>&1
   echo "quant rc=$?"; tail -25 $OUT/bench_quantize.log
-  timeout ${T_LINEAR:-90} python3 benchmarks/bench_linear.py --out $OUT/bench_linear.md > $OUT/bench_linear.log 2>&1
-  echo "linear rc=$?"; tail -15 $OUT/bench_linear.log
+fi
+if has linear; then
+  timeout ${T_LINEAR:-120} python3 benchmarks/bench_linear.py > $OUT/bench_linear.log 2>&1
+  echo "linear rc=$?"; tail -30 $OUT/bench_linear.log
+fi
+if has wgrad; then
+  timeout ${T_WGRAD:-60} python3 benchmarks/bench_wgrad.py > $OUT/bench_wgrad.log 2>&1
+  echo "wgrad rc=$?"; tail -20 $OUT/bench_wgrad.log
 fi
 if has profile; then
   timeout ${T_PROFILE:-120} python3 benchmarks/profile_step.py --recipes ${PROFILE_RECIPES:-bf16 nvfp4 fp8 mxfp4} \
@@ -46,6 +55,12 @@ if has small; then
   timeout ${T_SMALL:-240} python3 -m fourbit.cli compare --preset small --recipes ${SMALL_RECIPES:-bf16,fp8,fp8-blockwise,mxfp4,nvfp4} \
     ${SMALL_ABL:---ablations} --seeds ${SMALL_SEEDS:-3} --jobs ${JOBS:-8} --out /tmp/small --data-dir $DATA --no-progress > $OUT/small.log 2>&1
   echo "small rc=$?"; tail -25 $OUT/small.log; pack small
+fi
+if has runs; then
+  steps=""; [[ -n ${RUNS_STEPS:-} ]] && steps="--steps $RUNS_STEPS"
+  timeout ${T_RUNS:-420} python3 benchmarks/evidence_runs.py --preset ${RUNS_PRESET:-small} --runs "$RUNS" $steps \
+    --jobs ${RUNS_JOBS:-4} --out /tmp/runs --data-dir $DATA > $OUT/runs.log 2>&1
+  echo "runs rc=$?"; tail -25 $OUT/runs.log; pack runs
 fi
 if has gpu; then
   abl=""; [[ ${ABL:-0} == 1 ]] && abl=--ablations
