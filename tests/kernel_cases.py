@@ -28,7 +28,7 @@ BF16_TRUNC_RTOL = 2.0**-7
 
 def quant_bytes(q):
     ts = torch.zeros((), dtype=torch.int32) if q.tensor_scale is None else q.tensor_scale.reshape(()).view(torch.int32)
-    return q.data.cpu(), q.scales.view(torch.uint8).cpu(), ts.cpu()  # no tensor scale (MX): compares as 0
+    return q.data.cpu(), q.scales.reshape(-1).view(torch.uint8).cpu(), ts.cpu()  # no tensor scale (MX): 0
 
 
 def assert_same_bytes(got, want):

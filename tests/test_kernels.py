@@ -238,6 +238,27 @@ def test_fp8_kernel_bit_exact(block, fmt, dtype, pow2, rounding):
         assert torch.equal(got.scales.cpu().view(torch.int32), want.scales.view(torch.int32))
 
 
+@gpu
+@pytest.mark.parametrize("scheme,kw", [("mxfp4", {}), ("mxfp8", {"scale_mode": "rceil"}), ("fp8", {}),
+                                       ("fp8-blockwise", {}), ("fp8-blockwise", {"block": (128, 128)})])  # fmt: skip
+def test_mx_fp8_auto_is_the_kernel_on_large_inputs(scheme, kw, monkeypatch):
+    """On CUDA, ``backend="auto"`` runs the MX/FP8 kernels, and they match the reference over many programs
+    (1000 rows x 3 column tiles, rows not a multiple of the tile, magnitudes over 6 decades)."""
+    from fourbit.kernels import fp8_quantize, mx_quantize
+
+    calls = []
+    for mod, name in ((mx_quantize, "quantize_mx"), (fp8_quantize, "quantize_fp8")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    x = torch.randn(1000, 384, generator=_gen(32)) * torch.logspace(-3, 3, 384)
+    for rounding, seed in (("nearest", None), ("stochastic", 5)):
+        args = dict(kw, rounding=rounding, seed=seed, pad=True, check_finite=False)
+        n = len(calls)
+        auto = fourbit.quantize(x.cuda(), scheme, **args)
+        assert len(calls) == n + 1, "backend='auto' did not run the kernel"
+        assert_same_bytes(auto, fourbit.quantize(x, scheme, backend="reference", **args))
+
+
 # --- dispatch and bad input ------------------------------------------------------------------------
 
 

@@ -4,12 +4,11 @@
 kernel covers the case (then ``fourbit.quantize`` runs the reference). ``backend="triton"`` insists on a
 kernel and raises where none can run (a CPU tensor, no triton, an uncovered option).
 
-Covered today: NVFP4 (1x16 and 16x16 blocks; float32/bfloat16/float16 input; RNE and stochastic
-rounding, also with an ``ElementIndex``; ``pad``; a given ``amax``). Not covered, so they fall back to the
-reference: four-over-six, float64 input, empty tensors, and MX and FP8 under ``backend="auto"``: the MX
-kernel (``mx_quantize``: 1x32 blocks, every element format, FLOOR/RCEIL, RNE/SR) and the FP8 kernel
-(``fp8_quantize``: per tensor, 1x128, 128x128, pow2 scales, RNE/SR) run only with ``backend="triton"``
-until they have passed their tests on a GPU.
+Covered today (float32/bfloat16/float16 input; RNE and stochastic rounding, also with an ``ElementIndex``;
+``pad``): NVFP4 (1x16 and 16x16 blocks; a given ``amax``), MX (``mx_quantize``: 1x32 blocks, every element
+format, FLOOR/RCEIL scales) and FP8 (``fp8_quantize``: per tensor, 1x128, 128x128, pow2 scales). Not
+covered, so they fall back to the reference: four-over-six, float64 input, empty tensors, and the MX/FP8
+options ``covers`` rejects.
 
 ``quantize_wgrad(t, config, ...)`` builds a wgrad operand, ``quantize(rht(pad(t^T)))``, from the
 untransposed (tokens, features) tensor in one kernel (``wgrad_amax`` is its amax pass alone, for an
@@ -73,8 +72,7 @@ def quantize(x, config, *, rounding, seed, amax, pad, backend, sr_index=None):
     if not x.is_cuda or not triton_available():
         return None
     rounding = Rounding.parse(rounding)
-    if backend == "triton" and x.dtype in _KERNEL_DTYPES and x.numel():
-        # MX and FP8: only on request until the kernels have passed their GPU tests (their docstrings say so)
+    if x.dtype in _KERNEL_DTYPES and x.numel():
         from . import fp8_quantize, mx_quantize
 
         out = None

@@ -10,8 +10,9 @@ Program (i, j) loads a (TR x 128) tile (TR = 128 for 128x128 blocks, else 32) an
     codes        elem(nan_to_num(x * s_enc)): NaN -> 0, +-Inf -> +-FLT_MAX (then saturated), RNE or SR
     scale        1 / s_enc (float32, IEEE division)
 
-Status: checked bit for bit against the reference under Triton's CPU interpreter and compiled offline for
-sm_90, but not yet run on a GPU, so ``fourbit.quantize`` uses it only with ``backend="triton"``.
+Checked bit for bit against the reference on an H100 (``tests/test_kernels.py``: codes and scale bits,
+E4M3/E5M2, fp32/pow2 scales, RNE/SR, padded shapes, edge inputs) and under Triton's CPU interpreter;
+``fourbit.quantize`` runs it by default on CUDA.
 """
 
 from __future__ import annotations
