@@ -259,6 +259,35 @@ def test_mx_fp8_auto_is_the_kernel_on_large_inputs(scheme, kw, monkeypatch):
         assert_same_bytes(auto, fourbit.quantize(x, scheme, backend="reference", **args))
 
 
+@gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4", "fp8-blockwise"])
+def test_kernels_launch_on_the_operands_device(scheme):
+    from fourbit.gemm import qmm
+
+    """Tensors on cuda:1 while cuda:0 is current: every kernel runs on cuda:1 (Triton launches on the
+    current device unless told), and matches the reference; so does the GEMM of two such operands."""
+    x = torch.randn(256, 512, generator=_gen(33))
+    torch.cuda.set_device(0)
+    q = fourbit.quantize(x.to("cuda:1"), scheme, rounding="stochastic", seed=3, check_finite=False)
+    assert q.data.device == torch.device("cuda:1")
+    assert_same_bytes(q, fourbit.quantize(x, scheme, backend="reference", rounding="stochastic", seed=3))
+    w = fourbit.quantize(x[:128].to("cuda:1"), scheme, check_finite=False)
+    got = qmm(q, w, out_dtype=torch.float32)
+    assert got.device == torch.device("cuda:1")
+    want = q.dequantize().double() @ w.dequantize().double().T
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+def test_operand_device_finds_the_first_cuda_operand():
+    from fourbit.kernels.device import operand_device
+
+    cpu = torch.zeros(2)
+    assert operand_device((cpu, 3, None)) is None
+    q = fourbit.quantize(torch.randn(4, 16), "nvfp4")
+    assert operand_device((q,)) is None  # a CPU QuantizedTensor (by its codes)
+
+
 # --- dispatch and bad input ------------------------------------------------------------------------
 
 

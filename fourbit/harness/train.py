@@ -319,6 +319,8 @@ def train(
     recipe = resolve_recipe(cfg.recipe, cfg.seed)
     device = resolve_device(cfg.device)
     env, device = par.init(cfg.parallel, device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # cuda:k in a worker process: allocations and kernel launches go there
     if cfg.batch_size % env.world_size:
         raise ValueError(f"global batch_size={cfg.batch_size} does not split over {env.world_size} ranks")
     out = _writable_dir(Path(out))

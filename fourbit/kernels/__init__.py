@@ -14,7 +14,8 @@ options ``covers`` rejects.
 untransposed (tokens, features) tensor in one kernel (``wgrad_amax`` is its amax pass alone, for an
 all-reduce between data-parallel ranks); ``QuantLinear`` uses it for NVFP4 wgrad operands on CUDA.
 
-Non-contiguous inputs are copied to contiguous memory first (one extra read and write).
+Non-contiguous inputs are copied to contiguous memory first (one extra read and write). Each entry point
+launches on its operands' CUDA device, whatever device is current (``device.on_operand_device``).
 
 GEMMs (CUDA only; each returns ``None`` where it does not apply, so callers fall back):
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..rounding import Rounding
+from .device import on_operand_device
 
 __all__ = ["triton_available", "quantize", "quantize_wgrad", "wgrad_amax", "qmm", "linear_w4a16", "fp8_mm"]
 
@@ -63,6 +65,7 @@ def _unsupported(config, x, rounding) -> str | None:
     return None
 
 
+@on_operand_device
 def quantize(x, config, *, rounding, seed, amax, pad, backend, sr_index=None):
     """The kernel for ``fourbit.quantize`` (inputs already validated there), or None to use the reference."""
     if backend == "triton" and not x.is_cuda:
@@ -115,6 +118,7 @@ def _signs(transform, device):
     return None if transform is None else _signs_on(transform, torch.float32, device)
 
 
+@on_operand_device
 def quantize_wgrad(t, config, *, rounding, seed, transform=None, amax=None, sr_index=None):
     """A wgrad operand straight from ``t`` (tokens, features): ``quantize(rht(pad(t^T)))`` with tokens zero-padded
     to a multiple of 16, in one fused kernel (no transposed, padded or transformed copy), bit-exact with
@@ -134,6 +138,7 @@ def quantize_wgrad(t, config, *, rounding, seed, transform=None, amax=None, sr_i
     return QuantizedTensor(data, scales, tscale, config, shape, torch.float32 if transform is not None else t.dtype)
 
 
+@on_operand_device
 def wgrad_amax(t, config, transform=None):
     """max |rht(pad(t^T))| as a float32 one-element tensor, or None where ``quantize_wgrad`` does not apply."""
     if not _wgrad_kernel_applies(t, config, transform):
@@ -143,6 +148,7 @@ def wgrad_amax(t, config, transform=None):
     return _amax(t, _signs(transform, t.device))
 
 
+@on_operand_device
 def qmm(a, b, *, out_dtype: torch.dtype = torch.float32):
     """``A @ B^T`` for NVFP4 or FP8 ``QuantizedTensor``s quantized along K, or None where no kernel applies.
 
@@ -173,6 +179,7 @@ def qmm(a, b, *, out_dtype: torch.dtype = torch.float32):
     return _qmm(a, b, out_dtype=out_dtype)
 
 
+@on_operand_device
 def linear_w4a16(x: torch.Tensor, w, bias: torch.Tensor | None = None):
     """``x @ W^T (+ bias)`` for BF16/FP16 ``x`` (..., K) and NVFP4-quantized weights ``w`` (N, K)."""
     from .nvfp4_gemm import linear_w4a16 as _linear
@@ -180,6 +187,7 @@ def linear_w4a16(x: torch.Tensor, w, bias: torch.Tensor | None = None):
     return _linear(x, w, bias)
 
 
+@on_operand_device
 def fp8_mm(a, b, *, out_dtype: torch.dtype = torch.bfloat16):
     """``A @ B^T`` for FP8 ``QuantizedTensor``s through ``scaled_mm``, or None (with the reason logged)."""
     from .fp8_gemm import fp8_mm as _fp8_mm

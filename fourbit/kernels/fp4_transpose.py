@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import on_operand_device
+
 
 @triton.jit
 def _fp4_transpose_kernel(src_ptr, dst_ptr, R, C, BR: tl.constexpr, BC: tl.constexpr):
@@ -27,6 +29,7 @@ def _fp4_transpose_kernel(src_ptr, dst_ptr, R, C, BR: tl.constexpr, BC: tl.const
     tl.store(dst_ptr + c * (R // 2) + q, out, mask=(c < C) & (q < R // 2))
 
 
+@on_operand_device
 def transpose_packed(data: torch.Tensor, *, br: int = 64, bc: int = 64) -> torch.Tensor:
     """(R, C/2) packed FP4 -> (C, R/2) packed FP4 of the transposed code matrix (R even)."""
     R, half = data.shape
