@@ -22,8 +22,8 @@ from fourbit.harness.compare import BASELINE, plot, run_dir
 from fourbit.harness.train import read_metrics
 
 
-def _vals(d: Path) -> dict[int, float]:
-    return {r["step"]: r["val_loss"] for r in read_metrics(d) if r.get("val_loss") is not None}
+def _vals(d: Path, key: str = "val_loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_metrics(d) if r.get(key) is not None}
 
 
 def merge(roots: list[Path], out: Path, recipes: list[str], seeds: int) -> dict[tuple[str, int], dict[int, float]]:
@@ -42,9 +42,10 @@ def merge(roots: list[Path], out: Path, recipes: list[str], seeds: int) -> dict[
     return found
 
 
-def table(found, recipes: list[str], seeds: int, step: int) -> list[str]:
-    lines = [f"### Validation loss at step {step}", "",
-             "| recipe | val loss (mean ± std) | per seed | gap vs bf16 (mean, paired) | gap range |", "|---|---|---|---|---|"]  # fmt: skip
+def table(found, recipes: list[str], seeds: int, step: int, what: str = "val") -> list[str]:
+    title = "Validation loss" if what == "val" else "Training loss (mean over the last logging interval)"
+    lines = [f"### {title} at step {step}", "",
+             f"| recipe | {what} loss (mean ± std) | per seed | gap vs bf16 (mean, paired) | gap range |", "|---|---|---|---|---|"]  # fmt: skip
     base = {s: found[(BASELINE, s)][step] for s in range(seeds) if step in found.get((BASELINE, s), {})}
     for r in recipes:
         ss = [s for s in range(seeds) if step in found.get((r, s), {}) and s in base]
@@ -68,6 +69,7 @@ def main() -> None:
     p.add_argument("--recipes", required=True)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", default="600")
+    p.add_argument("--train-steps", default="", help="also tabulate the training loss at these steps")
     p.add_argument("--title", default="")
     args = p.parse_args()
     recipes = args.recipes.split(",")
@@ -80,6 +82,10 @@ def main() -> None:
              "(nats/token) on held-out plays.", ""]  # fmt: skip
     for step in (int(s) for s in args.steps.split(",")):
         lines += table(found, recipes, args.seeds, step)
+    if args.train_steps:
+        train = {k: _vals(run_dir(args.out / "runs", *k), "train_loss") for k in found}
+        for step in (int(s) for s in args.train_steps.split(",")):
+            lines += table(train, recipes, args.seeds, step, what="train")
     (args.out / "summary.md").write_text("\n".join(lines))
     complete = [r for r in recipes if all((r, s) in found for s in range(args.seeds))]
     last = max(int(s) for s in args.steps.split(","))

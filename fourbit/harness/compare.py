@@ -232,12 +232,15 @@ def plot(out: str | Path, summary: dict, path: str | Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
     cmap = plt.get_cmap("tab10")
     base_val = [_series(read_metrics(run_dir(out, BASELINE, s)), "val_loss") for s in range(seeds)]
+    lowest = {0: [], 1: []}  # each loss panel's y range starts at its own lowest curve point
     for i, r in enumerate(recipes):
         color, style = cmap(i % 10), ("--" if "nvfp4-" in r or "+" in r else "-")
         runs = [read_metrics(run_dir(out, r, s)) for s in range(seeds)]
-        for key, ax in (("train_loss", axes[0]), ("val_loss", axes[1])):
+        for k, key in enumerate(("train_loss", "val_loss")):
+            ax = axes[k]
             xs, _ = _series(runs[0], key)
             ys = [statistics.fmean(v) for v in zip(*(_series(rr, key)[1] for rr in runs))]
+            lowest[k] += ys[-1:] + [min(ys, default=float("inf"))]
             ax.plot(xs[: len(ys)], ys, style, color=color, label=r, lw=1.6 if r in MAIN_RECIPES else 1.2)
         if r != BASELINE:
             gaps = []
@@ -264,9 +267,10 @@ def plot(out: str | Path, summary: dict, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("cross-entropy (nats/token)")
     axes[1].legend(fontsize=8)
-    lo = min(r["val_loss"] for r in summary["rows"])
-    for ax in axes[:2]:
-        ax.set_ylim(lo - 0.3, lo + 2.5)
+    for k, ax in enumerate(axes[:2]):
+        lo = min(lowest[k], default=float("inf"))
+        if lo < float("inf"):
+            ax.set_ylim(lo - 0.3, lo + 2.5)
     fig.suptitle(f"fourbit compare: preset {cfg['preset']}, {cfg['steps']} steps, {seeds} seed(s), "
                  f"{summary['device']}")  # fmt: skip
     fig.tight_layout()
