@@ -288,6 +288,21 @@ def test_operand_device_finds_the_first_cuda_operand():
     assert operand_device((q,)) is None  # a CPU QuantizedTensor (by its codes)
 
 
+@gpu
+@pytest.mark.parametrize("scheme,kw", [("mxfp4", {}), ("mxfp8", {"scale_mode": "rceil"}), ("fp8", {}),
+                                       ("fp8-blockwise", {}), ("fp8-blockwise", {"block": (128, 128)})])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_mx_fp8_kernels_read_transposed_views_in_place(scheme, kw, dtype):
+    """``backend="triton"`` quantizes wgrad's ``t.T`` straight from ``t`` (no contiguous copy): the bytes of
+    the reference on the contiguous transpose, with padding of the token dim and SR with an ElementIndex."""
+    t = (torch.randn(1000, 384, generator=_gen(34)) * torch.logspace(-3, 3, 384)).to(dtype)  # (tokens, features)
+    for rounding, seed in (("nearest", None), ("stochastic", 5)):
+        index = ElementIndex(col_offset=1000, row_stride=4000) if seed else None
+        args = dict(kw, rounding=rounding, seed=seed, sr_index=index, pad=True, check_finite=False)
+        got = fourbit.quantize(t.cuda().T, scheme, backend="triton", **args)
+        assert_same_bytes(got, fourbit.quantize(t.T.contiguous(), scheme, backend="reference", **args))
+
+
 # --- dispatch and bad input ------------------------------------------------------------------------
 
 

@@ -356,3 +356,44 @@ def test_fp8_kernel_matches_reference(block, fmt, pow2, rounding, dtype, amax):
     data, scales = quantize_fp8(x, config, Rounding.parse(rounding), kw["seed"], amax, block is not None, index)
     assert torch.equal(data, want.data)
     assert torch.equal(scales.view(torch.int32), want.scales.view(torch.int32))
+
+
+@pytest.mark.parametrize("block,rounding", [(None, "nearest"), ((1, 128), "stochastic"), ((128, 128), "nearest")])
+def test_fp8_kernel_reads_a_transposed_view_in_place(block, rounding):
+    """``strided=True``: the kernel quantizes ``t.T`` (wgrad's operand) from ``t`` without a copy, and
+    gets the bytes of the reference on the contiguous transpose; padding of the token dim included."""
+    from fourbit.kernels.fp8_quantize import quantize_fp8
+    from fourbit.kernels.tiling import reads_in_place
+    from fourbit.schemes import resolve_scheme
+
+    gen = torch.Generator().manual_seed(12)
+    t = (torch.randn(200, 256, generator=gen) * torch.logspace(-3, 3, 256)).to(torch.bfloat16)  # (tokens, features)
+    view = t.T  # (features, tokens): 200 tokens pad to 256 for 1x128
+    assert reads_in_place(view)
+    index = ElementIndex(row_offset=0, col_offset=7, row_stride=400) if rounding == "stochastic" else None
+    kw = dict(block=block, rounding=rounding, seed=6 if rounding == "stochastic" else None, sr_index=index)
+    want = fourbit.quantize(view.contiguous(), "fp8", pad=block is not None, check_finite=False, backend="reference", **kw)
+    config = resolve_scheme("fp8", block=block, fmt=None, scale_mode=None, four_over_six=None, pow2_scale=None)
+    data, scales = quantize_fp8(view, config, Rounding.parse(rounding), kw["seed"], None, block is not None, index,
+                                strided=True)  # fmt: skip
+    assert torch.equal(data, want.data)
+    assert torch.equal(scales.view(torch.int32), want.scales.view(torch.int32))
+
+
+@pytest.mark.parametrize("scheme,rounding", [("mxfp4", "stochastic"), ("mxfp8", "nearest")])
+def test_mx_kernel_reads_a_transposed_view_in_place(scheme, rounding):
+    """``strided=True``: the MX kernel quantizes ``t.T`` from ``t`` without a copy, with the reference's bytes
+    on the contiguous transpose (tokens padded from 72 to 96 along the block dim)."""
+    from fourbit.kernels.mx_quantize import quantize_mx
+    from fourbit.schemes import resolve_scheme
+
+    gen = torch.Generator().manual_seed(13)
+    t = (torch.randn(72, 80, generator=gen) * torch.logspace(-4, 4, 80)).to(torch.bfloat16)  # (tokens, features)
+    view = t.T
+    index = ElementIndex(row_offset=1, col_offset=3, row_stride=300) if rounding == "stochastic" else None
+    kw = dict(rounding=rounding, seed=9 if rounding == "stochastic" else None, sr_index=index)
+    want = fourbit.quantize(view.contiguous(), scheme, pad=True, check_finite=False, backend="reference", **kw)
+    config = resolve_scheme(scheme, block=None, fmt=None, scale_mode=None, four_over_six=None, pow2_scale=None)
+    data, scales = quantize_mx(view, config, Rounding.parse(rounding), kw["seed"], True, index, strided=True, br=16, nb=2)
+    assert torch.equal(data, want.data)
+    assert torch.equal(scales.view(torch.uint8), want.scales.view(torch.uint8))

@@ -14,7 +14,10 @@ options ``covers`` rejects.
 untransposed (tokens, features) tensor in one kernel (``wgrad_amax`` is its amax pass alone, for an
 all-reduce between data-parallel ranks); ``QuantLinear`` uses it for NVFP4 wgrad operands on CUDA.
 
-Non-contiguous inputs are copied to contiguous memory first (one extra read and write). Each entry point
+Non-contiguous inputs are copied to contiguous memory first (one extra read and write), except that under
+``backend="triton"`` the MX and FP8 kernels read a transposed view of a contiguous matrix (wgrad's ``dy.T``,
+``x.T``) in place: bit-exact under Triton's interpreter and compiled for sm_90, its GPU test
+(``test_mx_fp8_kernels_read_transposed_views_in_place``) not yet run, so ``auto`` still copies. Each entry point
 launches on its operands' CUDA device, whatever device is current (``device.on_operand_device``).
 
 GEMMs (CUDA only; each returns ``None`` where it does not apply, so callers fall back):
@@ -79,10 +82,11 @@ def quantize(x, config, *, rounding, seed, amax, pad, backend, sr_index=None):
         from . import fp8_quantize, mx_quantize
 
         out = None
+        strided = backend == "triton"  # transposed views read in place: on request until run on a GPU
         if mx_quantize.covers(config):
-            out = mx_quantize.quantize_mx(x, config, rounding, seed, pad, sr_index)
+            out = mx_quantize.quantize_mx(x, config, rounding, seed, pad, sr_index, strided=strided)
         elif fp8_quantize.covers(config):
-            out = fp8_quantize.quantize_fp8(x, config, rounding, seed, amax, pad, sr_index)
+            out = fp8_quantize.quantize_fp8(x, config, rounding, seed, amax, pad, sr_index, strided=strided)
         if out is not None:
             from ..quantize import QuantizedTensor
 

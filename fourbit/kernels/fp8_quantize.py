@@ -1,7 +1,8 @@
 """Fused FP8 quantize: per tensor, 1x128 tiles and 128x128 blocks (DeepSeek-V3), bit-exact with
 ``fourbit.fp8.quantize_fp8``.
 
-Program (i, j) loads a (TR x 128) tile (TR = 128 for 128x128 blocks, else 32) and computes, per scale group
+Program (i, j) loads a (TR x 128) tile (TR = 128 for 128x128 blocks and for transposed inputs read in
+place, else 32) and computes, per scale group
 (the whole tensor, a row of the tile, or the whole tile)::
 
     amax         max |x| as float32 bits (per tensor: given, or from ``nvfp4_quantize.measure_amax``)
@@ -23,6 +24,7 @@ import triton.language as tl
 
 from ..rounding import ElementIndex, Rounding
 from ..schemes import FP8Config
+from .tiling import reads_in_place
 from .tl_formats import F32_MAX, div_ieee, encode_exmy, exmy_constants, random_bits, sr_args
 
 TILE_C = 128  # columns per program, and the width of a 1x128 / 128x128 block
@@ -52,7 +54,7 @@ def _encode_scale(amax, ELEM_MAX: tl.constexpr, POW2: tl.constexpr, PRECISE_DIV:
 
 @triton.jit
 def _fp8_quantize_kernel(
-    x_ptr,
+    x_ptr,  # element (r, c) at x_ptr + r * stride_r + c * stride_c
     amax_ptr,  # per tensor: float32 amax (given or measured); unused otherwise
     data_ptr,  # (Rp, Cp) uint8
     scales_ptr,  # float32: one, or (Rp / BLOCK_R, Cp / 128)
@@ -60,6 +62,8 @@ def _fp8_quantize_kernel(
     C,
     Rp,
     Cp,
+    stride_r,
+    stride_c,
     row_off,
     col_off,
     c_index,
@@ -80,7 +84,7 @@ def _fp8_quantize_kernel(
 ):
     r = tl.program_id(0).to(tl.int64) * TR + tl.arange(0, TR)[:, None]  # (TR, 1)
     c = tl.program_id(1) * _TILE_C + tl.arange(0, _TILE_C)[None, :]  # (1, 128)
-    x = tl.load(x_ptr + r * C + c, mask=(r < R) & (c < C), other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + r * stride_r + c * stride_c, mask=(r < R) & (c < C), other=0.0).to(tl.float32)
     bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     if PER_TENSOR:
         s = _encode_scale(tl.load(amax_ptr) + tl.zeros((TR, 1), tl.float32), ELEM_MAX, POW2, PRECISE_DIV)
@@ -114,15 +118,21 @@ def covers(config) -> bool:
 
 
 def quantize_fp8(x: torch.Tensor, config: FP8Config, rounding: Rounding, seed: int | None, amax, pad: bool,
-                 sr_index: ElementIndex | None = None):  # fmt: skip
-    """(codes uint8, float32 decode scales) exactly as ``fourbit.quantize`` builds them for ``config``."""
+                 sr_index: ElementIndex | None = None, *, strided: bool = False):  # fmt: skip
+    """(codes uint8, float32 decode scales) exactly as ``fourbit.quantize`` builds them for ``config``.
+
+    ``strided``: read a transposed view of a contiguous matrix in place (``reads_in_place``), in tiles of
+    128 rows so that each program's loads along the contiguous dim are 128 elements long; other
+    non-contiguous inputs are copied first."""
     if not covers(config):
         raise NotImplementedError(f"the FP8 kernel covers per-tensor, 1x128 and 128x128 scaling, got {config.block}")
     elem = config.elem
     interpret = not x.is_cuda
-    xc = x.contiguous()
+    transposed = strided and reads_in_place(x)
+    xc = x if transposed else x.contiguous()
     C = x.shape[-1]
     R = x.numel() // C
+    stride_r, stride_c = (x.stride(0), x.stride(1)) if transposed else (C, 1)
     per_tensor = config.block is None
     br = 1 if per_tensor else config.block[0]
     Rp = R + (-R) % br
@@ -131,7 +141,7 @@ def quantize_fp8(x: torch.Tensor, config: FP8Config, rounding: Rounding, seed: i
         if amax is None:
             from .nvfp4_quantize import measure_amax
 
-            amax_t = measure_amax(xc, interpret)
+            amax_t = measure_amax(xc.t() if transposed else xc, interpret)  # the same elements
         else:
             amax_t = torch.as_tensor(amax, dtype=torch.float32, device=x.device).reshape(1).contiguous()
         scales = torch.empty((), dtype=torch.float32, device=x.device)
@@ -141,10 +151,10 @@ def quantize_fp8(x: torch.Tensor, config: FP8Config, rounding: Rounding, seed: i
     data = torch.empty((Rp, Cp), dtype=torch.uint8, device=x.device)
     stochastic = rounding is Rounding.STOCHASTIC
     row_off, col_off, row_stride, key = sr_args(stochastic, seed, sr_index, C)
-    tr = 128 if br == 128 else 32
+    tr = 128 if br == 128 or transposed else 32
     grid = (triton.cdiv(Rp, tr), triton.cdiv(Cp, TILE_C))
     _fp8_quantize_kernel[grid](
-        xc, amax_t, data, scales, R, C, Rp, Cp, row_off, col_off, row_stride, key,
+        xc, amax_t, data, scales, R, C, Rp, Cp, stride_r, stride_c, row_off, col_off, row_stride, key,
         ELEM_MAX=float(elem.max), PER_TENSOR=per_tensor, BLOCK_R=br, POW2=config.pow2_scale, **exmy_constants(elem),
         STOCHASTIC=stochastic, PRECISE_DIV=not interpret,
         TR=tr, num_warps=8 if tr == 128 else 4, **({} if interpret else dict(enable_fp_fusion=False)),

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ..rounding import ElementIndex, Rounding
 from ..schemes import MXConfig, ScaleMode
+from .tiling import reads_in_place
 from .tl_formats import encode_exmy, exmy_constants, random_bits, sr_args
 
 MX_BLOCK = 32
@@ -34,12 +35,14 @@ MX_BLOCK = 32
 
 @triton.jit
 def _mx_quantize_kernel(
-    x_ptr,
+    x_ptr,  # element (r, c) at x_ptr + r * stride_r + c * stride_c
     data_ptr,  # (R, Cp * BITS / 8) uint8
     scales_ptr,  # (R, Cp / 32) uint8 E8M0 codes
     R,
     C,
     Cp,
+    stride_r,
+    stride_c,
     row_off,
     col_off,
     c_index,
@@ -62,7 +65,7 @@ def _mx_quantize_kernel(
     b = tl.program_id(1) * NB + tl.arange(0, NB)
     rows = r[:, None, None]  # (BR, 1, 1)
     cols = b[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]  # (1, NB, 32)
-    x = tl.load(x_ptr + rows * C + cols, mask=(rows < R) & (cols < C), other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows * stride_r + cols * stride_c, mask=(rows < R) & (cols < C), other=0.0).to(tl.float32)
 
     bmax = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2)  # (BR, NB) |x| bits
     finite_b = bmax < 0x7F800000
@@ -105,14 +108,22 @@ def covers(config) -> bool:
 
 
 def quantize_mx(x: torch.Tensor, config: MXConfig, rounding: Rounding, seed: int | None, pad: bool,
-                sr_index: ElementIndex | None = None, *, br: int = 16, nb: int = 4, num_warps: int = 4):  # fmt: skip
-    """(data uint8, scales float8_e8m0fnu) exactly as ``fourbit.quantize`` builds them for ``config``."""
+                sr_index: ElementIndex | None = None, *, strided: bool = False, br: int | None = None, nb: int = 4,
+                num_warps: int = 4):  # fmt: skip
+    """(data uint8, scales float8_e8m0fnu) exactly as ``fourbit.quantize`` builds them for ``config``.
+
+    ``strided``: read a transposed view of a contiguous matrix in place (``tiling.reads_in_place``), 64 rows
+    per program so that loads along the contiguous dim are 64 elements long; other non-contiguous inputs
+    are copied first. ``br`` rows per program (default 16, or 64 for a strided read)."""
     if not covers(config):
         raise NotImplementedError(f"the MX kernel covers 1x32 blocks, got {config.block}")
     elem = config.elem
-    xc = x.contiguous()
+    transposed = strided and reads_in_place(x)
+    xc = x if transposed else x.contiguous()
     C = x.shape[-1]
     R = x.numel() // C
+    stride_r, stride_c = (x.stride(0), x.stride(1)) if transposed else (C, 1)
+    br = br or (64 if transposed else 16)
     Cp = C + (-C) % MX_BLOCK
     packed = elem.bits == 4
     data = torch.empty((R, Cp // 2 if packed else Cp), dtype=torch.uint8, device=x.device)
@@ -121,7 +132,7 @@ def quantize_mx(x: torch.Tensor, config: MXConfig, rounding: Rounding, seed: int
     row_off, col_off, row_stride, key = sr_args(stochastic, seed, sr_index, C)
     grid = (triton.cdiv(R, br), triton.cdiv(Cp // MX_BLOCK, nb))
     _mx_quantize_kernel[grid](
-        xc, data, scales, R, C, Cp, row_off, col_off, row_stride, key,
+        xc, data, scales, R, C, Cp, stride_r, stride_c, row_off, col_off, row_stride, key,
         INV_ELEM_MAX=float(torch.tensor(1.0 / elem.max, dtype=torch.float32)), EMAX_ELEM=int(math.floor(math.log2(elem.max))),
         RCEIL=config.scale_mode is ScaleMode.RCEIL, **exmy_constants(elem), PACKED=packed, STOCHASTIC=stochastic,
         BR=br, NB=nb, num_warps=num_warps, **({} if not x.is_cuda else dict(enable_fp_fusion=False)),

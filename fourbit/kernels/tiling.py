@@ -1,7 +1,8 @@
-"""Tile scheduling shared by the GEMM kernels."""
+"""How kernels walk their operands: tile scheduling of the GEMMs, strided reads of the quantize kernels."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -16,3 +17,9 @@ def grouped_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.cons
     first_m = (pid // group) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     return first_m + (pid % group) % size_m, (pid % group) // size_m
+
+
+def reads_in_place(x: torch.Tensor) -> bool:
+    """A transposed view of a contiguous matrix (e.g. wgrad's ``dy.T``, ``x.T``): a quantize kernel reads it
+    through its strides, in tiles long along the contiguous dim, instead of copying it to contiguous memory."""
+    return x.dim() == 2 and not x.is_contiguous() and x.t().is_contiguous()
