@@ -303,6 +303,19 @@ def test_mx_fp8_kernels_read_transposed_views_in_place(scheme, kw, dtype):
         assert_same_bytes(got, fourbit.quantize(t.T.contiguous(), scheme, backend="reference", **args))
 
 
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_quantize_swizzled_on_gpu(dtype):
+    """``fourbit.kernels.quantize_swizzled``: fourbit.quantize's codes and tensor scale, and its scales in
+    SWIZZLE_32_4_4 order, for a shape that pads both the 128-row and the 4-block tiles."""
+    x = edge_input("random", (300, 208), dtype, _gen(35))
+    data, scales, tscale = K.quantize_swizzled(x.cuda(), rounding="stochastic", seed=2, pad=True)
+    want = fourbit.quantize(x, "nvfp4", rounding="stochastic", seed=2, pad=True, backend="reference")
+    assert torch.equal(data.cpu(), want.data)
+    assert torch.equal(tscale.cpu().view(torch.int32), want.tensor_scale.view(torch.int32))
+    assert torch.equal(scales.cpu().view(torch.uint8), to_blocked(want.scales.view(torch.uint8)))
+
+
 # --- dispatch and bad input ------------------------------------------------------------------------
 
 
@@ -572,3 +585,8 @@ def test_swizzle_known_positions():
     s = torch.zeros(128, 4, dtype=torch.uint8)
     s[33, 2] = 7
     assert int(to_blocked(s).nonzero()) == 1 * 16 + 1 * 4 + 2
+
+
+def test_quantize_swizzled_is_cuda_only():
+    with pytest.raises(ValueError, match="CUDA"):
+        K.quantize_swizzled(torch.randn(16, 32))

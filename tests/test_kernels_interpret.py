@@ -397,3 +397,21 @@ def test_mx_kernel_reads_a_transposed_view_in_place(scheme, rounding):
     data, scales = quantize_mx(view, config, Rounding.parse(rounding), kw["seed"], True, index, strided=True, br=16, nb=2)
     assert torch.equal(data, want.data)
     assert torch.equal(scales.view(torch.uint8), want.scales.view(torch.uint8))
+
+
+@pytest.mark.parametrize("shape,rounding", [((200, 96), "nearest"), ((130, 80), "stochastic"), ((3, 40, 64), "nearest")])
+def test_quantize_kernel_writes_swizzled_scales(shape, rounding):
+    """``swizzle=True``: the codes and tensor scale of ``fourbit.quantize`` and its scales in Blackwell's
+    SWIZZLE_32_4_4 order (``to_blocked`` of the reference's (rows, blocks) matrix, zero padding included):
+    rows not a multiple of 128, block columns not a multiple of 4, a padded last dim, leading dims."""
+    from fourbit.kernels.nvfp4_quantize import quantize_nvfp4
+    from fourbit.kernels.swizzle import to_blocked
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(14)) * 3
+    seed = 5 if rounding == "stochastic" else None
+    want = fourbit.quantize(x, "nvfp4", rounding=rounding, seed=seed, pad=True, backend="reference")
+    data, scales, tscale = quantize_nvfp4(x, NVFP4Config(), Rounding.parse(rounding), seed, None, True, swizzle=True)
+    assert torch.equal(data, want.data)
+    assert torch.equal(tscale.view(torch.int32), want.tensor_scale.view(torch.int32))
+    ref = want.scales.view(torch.uint8).reshape(-1, want.scales.shape[-1])
+    assert torch.equal(scales.view(torch.uint8), to_blocked(ref))

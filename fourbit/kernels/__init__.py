@@ -10,6 +10,9 @@ format, FLOOR/RCEIL scales) and FP8 (``fp8_quantize``: per tensor, 1x128, 128x12
 covered, so they fall back to the reference: four-over-six, float64 input, empty tensors, and the MX/FP8
 options ``covers`` rejects.
 
+``quantize_swizzled(x, ...)`` is NVFP4 1x16 with the block scales written in Blackwell's SWIZZLE_32_4_4 order
+(for native block-scaled GEMMs), by the same kernel.
+
 ``quantize_wgrad(t, config, ...)`` builds a wgrad operand, ``quantize(rht(pad(t^T)))``, from the
 untransposed (tokens, features) tensor in one kernel (``wgrad_amax`` is its amax pass alone, for an
 all-reduce between data-parallel ranks); ``QuantLinear`` uses it for NVFP4 wgrad operands on CUDA.
@@ -38,7 +41,8 @@ import torch
 from ..rounding import Rounding
 from .device import on_operand_device
 
-__all__ = ["triton_available", "quantize", "quantize_wgrad", "wgrad_amax", "qmm", "linear_w4a16", "fp8_mm"]
+__all__ = ["triton_available", "quantize", "quantize_swizzled", "quantize_wgrad", "wgrad_amax", "qmm", "linear_w4a16",
+           "fp8_mm"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -104,6 +108,32 @@ def quantize(x, config, *, rounding, seed, amax, pad, backend, sr_index=None):
 
     data, scales, tensor_scale = quantize_nvfp4(x, config, rounding, seed, amax, pad, sr_index)
     return QuantizedTensor(data, scales, tensor_scale, config, x.shape, x.dtype)
+
+
+@on_operand_device
+def quantize_swizzled(x, *, rounding="nearest", seed=None, amax=None, sr_index=None, pad=False):
+    """NVFP4 (1x16) of a CUDA tensor with the block scales written straight into the SWIZZLE_32_4_4 layout
+    that Blackwell's block-scaled GEMMs read: (packed codes (..., C/2) uint8, flat swizzled scales
+    float8_e4m3fn, tensor scale float32 ()). The codes and the tensor scale are ``fourbit.quantize``'s;
+    the scales are ``swizzle.to_blocked`` of its (rows, C/16) scales, zero-padded to 128 x 4 tiles."""
+    from ..quantize import _check_input, _padding
+    from ..schemes import NVFP4Config
+
+    if not isinstance(x, torch.Tensor) or not x.is_cuda:
+        raise ValueError("quantize_swizzled runs the CUDA kernel only: pass a CUDA tensor")
+    if not triton_available():
+        raise RuntimeError("quantize_swizzled needs the triton package")
+    if x.dtype not in _KERNEL_DTYPES or x.numel() == 0:
+        raise ValueError(f"quantize_swizzled takes a non-empty float32/bfloat16/float16 tensor, got {x.dtype} {tuple(x.shape)}")
+    config = NVFP4Config()
+    _check_input(x, False)
+    _padding(x.shape, config.block, pad, config.name)  # the same error as fourbit.quantize for a ragged last dim
+    from .nvfp4_quantize import quantize_nvfp4
+
+    rounding = Rounding.parse(rounding)
+    if rounding is Rounding.STOCHASTIC and seed is None:
+        raise ValueError("quantize_swizzled: stochastic rounding needs a seed")
+    return quantize_nvfp4(x, config, rounding, seed, amax, pad, sr_index, swizzle=True)
 
 
 def _wgrad_kernel_applies(t, config, transform) -> bool:

@@ -138,6 +138,7 @@ def _quantize_kernel(
     PRECISE_DIV: tl.constexpr,
     BR: tl.constexpr,  # rows per program (16 for 16x16 blocks)
     NB: tl.constexpr,  # 16-column blocks per program
+    SWIZZLE: tl.constexpr = False,  # 1x16 only: scales in Blackwell's SWIZZLE_32_4_4 order (``swizzle.py``)
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -178,7 +179,13 @@ def _quantize_kernel(
         srows = r[:, None]  # (BR, 1)
     else:
         srows = pid_r.to(tl.int64) + tl.zeros((1, 1), tl.int64)  # one block row per program
-    tl.store(scales_ptr + srows * (Cp // 16) + b[None, :], scode.to(tl.uint8), mask=(srows < Rp // BLOCK_ROWS) & (b[None, :] < Cp // 16))
+    scols = b[None, :]
+    if SWIZZLE:  # 128x4 tiles in row-major tile order; inside a tile (r, c) -> (r % 32) * 16 + (r % 128) // 32 * 4 + c
+        tile = (srows // 128) * ((Cp // 16 + 3) // 4) + scols // 4
+        soff = tile * 512 + (srows % 32) * 16 + ((srows % 128) // 32) * 4 + scols % 4
+    else:
+        soff = srows * (Cp // 16) + scols
+    tl.store(scales_ptr + soff, scode.to(tl.uint8), mask=(srows < Rp // BLOCK_ROWS) & (scols < Cp // 16))
 
 
 def measure_amax(x: torch.Tensor, interpret: bool = False) -> torch.Tensor:
@@ -202,11 +209,16 @@ def quantize_nvfp4(
     tile: int = 4096,
     max_blocks: int = 32,
     num_warps: int = 4,
+    swizzle: bool = False,
 ):
     """(data uint8, scales float8_e4m3fn, tensor_scale float32 ()) exactly as ``fourbit.quantize`` builds them.
 
-    The caller has validated shapes and dtypes (``fourbit.quantize`` does, before dispatch).
+    The caller has validated shapes and dtypes (``fourbit.quantize`` does, before dispatch). ``swizzle``
+    (1x16 blocks): the scales come as the flat, zero-padded SWIZZLE_32_4_4 buffer that Blackwell's
+    block-scaled GEMMs read, ``swizzle.to_blocked`` of the (rows, blocks) matrix, written by the kernel.
     """
+    if swizzle and config.block != (1, 16):
+        raise ValueError(f"swizzled scales are for 1x16 blocks (one scale per row and block), got {config.block}")
     if config.four_over_six:
         raise NotImplementedError("four_over_six has no fused kernel (its error sums depend on reduction order)")
     interpret = not x.is_cuda
@@ -221,7 +233,10 @@ def quantize_nvfp4(
         amax_t = torch.as_tensor(amax, dtype=torch.float32, device=x.device).reshape(1).contiguous()
 
     data = torch.empty((Rp, Cp // 2), dtype=torch.uint8, device=x.device)  # written as int32 words
-    scales = torch.empty((Rp // br, Cp // bc), dtype=torch.uint8, device=x.device)
+    if swizzle:  # padded to (round_up(rows, 128), round_up(blocks, 4)); the padding must read as zero scales
+        scales = torch.zeros(-(-Rp // 128) * 128 * (-(-(Cp // 16) // 4) * 4), dtype=torch.uint8, device=x.device)
+    else:
+        scales = torch.empty((Rp // br, Cp // bc), dtype=torch.uint8, device=x.device)
     tscale = torch.empty((), dtype=torch.float32, device=x.device)
     stochastic = rounding is Rounding.STOCHASTIC
     row_off, col_off, row_stride, key = sr_args(stochastic, seed, sr_index, C)
@@ -252,10 +267,13 @@ def quantize_nvfp4(
         PRECISE_DIV=not interpret,
         BR=BR,
         NB=NB,
+        SWIZZLE=swizzle,
         num_warps=num_warps,
         **options,
     )
     scales = scales.view(torch.float8_e4m3fn)
+    if swizzle:
+        return data.reshape(*x.shape[:-1], Cp // 2), scales, tscale
     lead = x.shape[:-1]
     if br == 1:
         data = data.reshape(*lead, Cp // 2)
