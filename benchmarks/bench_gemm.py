@@ -15,21 +15,15 @@ Triton kernels (registers, spills, whether wgmma was used).
 
 from __future__ import annotations
 
-import datetime
-
 import torch
 import torch.nn.functional as F
-import triton
-from triton.testing import do_bench
+
+from common import median_ms, device_header
 
 import fourbit
 from fourbit.kernels import fp8_mm
 from fourbit.kernels import dequant_gemm as dq
 from fourbit.kernels import nvfp4_gemm as g
-
-
-def median_ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def kernel_facts(kernel) -> list[str]:
@@ -59,7 +53,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--parts", nargs="+", default=["qmm", "train", "fp8", "w4a16"], choices=["qmm", "train", "fp8", "w4a16"])
     parts = p.parse_args().parts
-    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}")
+    print(device_header())
     rows = []
     M = N = K = 8192
     flop = 2 * M * N * K

@@ -13,22 +13,17 @@ W, E4M3) into its quantizations and its three ``scaled_mm`` GEMMs, each timed al
 from __future__ import annotations
 
 import argparse
-import datetime
 from pathlib import Path
 
 import torch
-import triton
-from triton.testing import do_bench
+
+from common import median_ms, device_header, emit
 
 import fourbit
 from fourbit.kernels import fp8_mm
 from fourbit.nn import QuantLinear
 
 HIDDEN = 8192
-
-
-def median_ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def fwd_bwd(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor):
@@ -76,7 +71,7 @@ def main() -> None:
         print("bench_linear: needs a CUDA GPU; nothing to do")
         return
     lines = [
-        f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}",
+        device_header(),
         "",
         f"Linear {HIDDEN} -> {HIDDEN}, forward + backward, BF16 input and weights, no bias",
         "",
@@ -99,10 +94,7 @@ def main() -> None:
         del x, dy, base
     for M in args.tokens:
         lines += breakdown(M)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,10 @@ import datetime
 
 import torch
 import triton
-from triton.testing import do_bench
+
+from common import median_ms
 
 import fourbit
-
-
-def median_ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def main() -> None:

@@ -10,22 +10,17 @@ replaces (``wgrad_inputs`` + ``fourbit.quantize``: transposed copy, pad, RHT in 
 from __future__ import annotations
 
 import argparse
-import datetime
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-from triton.testing import do_bench
+
+from common import median_ms, device_header, emit
 
 import fourbit
 import fourbit.kernels as K
 from fourbit.hadamard import RHT, rht
 from fourbit.schemes import NVFP4Config
-
-
-def median_ms(fn) -> float:
-    return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def main() -> None:
@@ -35,7 +30,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("bench_wgrad: needs a CUDA GPU; nothing to do")
         return
-    lines = [f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | {datetime.date.today()}", ""]
+    lines = [device_header(), ""]
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     copy_ms = median_ms(lambda: dst.copy_(src))
@@ -62,10 +57,7 @@ def main() -> None:
             gbs = nbytes / ms / 1e6
             lines.append(f"| {M}x{Fd} {name} | {ms:.4f} | {gbs:.0f} | {gbs / copy_gbs:.2f} |")
         del t
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
