@@ -4,6 +4,8 @@
 #   OUT=/tmp/out GPU_RUNS=bf16:0,nvfp4:0 SMALL_RUNS=mxfp4:0 GPU_JOBS=10 bash benchmarks/evidence_session.sh
 # $OUT/gpu.tgz and $OUT/small.tgz hold <recipe>/seed<k>/{metrics.jsonl,run.json} for
 # benchmarks/merge_evidence.py; $OUT/gpumem.log samples the GPUs' memory every 10 s.
+# Sizing (2026-11-23/24, H200, 141 GB): a gpu-preset run holds 15-23 GB, so at most 6 per GPU (8 ran out
+# of memory); with 5 per GPU a 600-step run takes 5-6 min, with 8 per GPU 5-8 min.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=. PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export XDG_CACHE_HOME=$PWD/.gpucache  # the carried data cache (gpt2 tokens, PyPI sdists)

@@ -28,7 +28,8 @@ if has env; then
   } 2>&1 | tee $OUT/env.log
 fi
 if has tests; then
-  timeout ${T_TESTS:-200} python3 -m pytest -q -p no:cacheprovider -m gpu ${TEST_FILES:-tests/} ${PYTEST_ARGS:-} --tb=short --durations=5 \
+  # every GPU test: ~290 s with PYTEST_ARGS="-n 8" on one H100 (2026-11-23); -rf names the failures
+  timeout ${T_TESTS:-420} python3 -m pytest -q -rf -p no:cacheprovider -m gpu ${TEST_FILES:-tests/} ${PYTEST_ARGS:--n 8} --tb=short --durations=5 \
     > $OUT/tests.log 2>&1; echo "tests rc=$?"; tail -25 $OUT/tests.log
 fi
 if has gemm; then
