@@ -84,7 +84,8 @@ def _fp8_quantize_kernel(
 ):
     r = tl.program_id(0).to(tl.int64) * TR + tl.arange(0, TR)[:, None]  # (TR, 1)
     c = tl.program_id(1) * _TILE_C + tl.arange(0, _TILE_C)[None, :]  # (1, 128)
-    x = tl.load(x_ptr + r * stride_r + c * stride_c, mask=(r < R) & (c < C), other=0.0).to(tl.float32)
+    # int64 offsets: a transposed view's column stride times the column can pass 2^31
+    x = tl.load(x_ptr + r * stride_r + c.to(tl.int64) * stride_c, mask=(r < R) & (c < C), other=0.0).to(tl.float32)
     bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
     if PER_TENSOR:
         s = _encode_scale(tl.load(amax_ptr) + tl.zeros((TR, 1), tl.float32), ELEM_MAX, POW2, PRECISE_DIV)

@@ -65,7 +65,8 @@ def _mx_quantize_kernel(
     b = tl.program_id(1) * NB + tl.arange(0, NB)
     rows = r[:, None, None]  # (BR, 1, 1)
     cols = b[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]  # (1, NB, 32)
-    x = tl.load(x_ptr + rows * stride_r + cols * stride_c, mask=(rows < R) & (cols < C), other=0.0).to(tl.float32)
+    # int64 offsets: a transposed view's column stride times the column can pass 2^31
+    x = tl.load(x_ptr + rows * stride_r + cols.to(tl.int64) * stride_c, mask=(rows < R) & (cols < C), other=0.0).to(tl.float32)
 
     bmax = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2)  # (BR, NB) |x| bits
     finite_b = bmax < 0x7F800000
