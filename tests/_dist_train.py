@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 
+from fourbit.harness.parallel import finish
 from fourbit.harness.train import train, train_config
 
 
@@ -24,6 +25,7 @@ def main(out: str, recipe: str, parallel: str, steps: int, stop_after: int, resu
         train(cfg, out, resume=resume, progress=False, callback=ctrl_c if stop_after else None)
     except KeyboardInterrupt:
         pass
+    finish()  # as `fourbit train` does: leave the process group (exiting inside it can abort gloo)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ def _worker(rank: int, init_file: str, recipe: str, mode: str, out: str) -> None
         g = {n: v.full_tensor() for n, v in g.items()}
     if rank == 0:
         torch.save(g, out)
+    dist.barrier()  # no rank tears gloo down while another still talks to it (an abort at exit otherwise)
     dist.destroy_process_group()
 
 

@@ -112,6 +112,7 @@ def finish() -> bool:
     if not (dist.is_available() and dist.is_initialized()):
         return True
     rank = dist.get_rank()
+    dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts at exit otherwise)
     dist.destroy_process_group()
     return rank == 0
 
