@@ -239,3 +239,39 @@ def test_summary_refuses_an_incomplete_run(tmp_path):
     metrics.write_text("\n".join(rows[:-1]) + "\n")  # drop the step-4 record
     with pytest.raises(ValueError, match="incomplete"):
         hc.summarize(out, ["bf16"], 1)
+
+
+def _fake_run(out, recipe, seed, vals, steps_per_eval=10):
+    """A finished run's metrics.jsonl and run.json with the validation curve ``vals`` (steps 0, 10, ...)."""
+    d = hc.run_dir(out, recipe, seed)
+    d.mkdir(parents=True)
+    steps = steps_per_eval * (len(vals) - 1)
+    rows = [{"step": i * steps_per_eval, "tokens": i, "train_loss": None if i == 0 else 3.0, "val_loss": v,
+             "tokens_per_s": None if i == 0 else 100.0} for i, v in enumerate(vals)]  # fmt: skip
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    meta = {"config": {"steps": steps, "preset": "tiny", "tokenizer": "gpt2-4k"}, "params": 1e6, "tokens_per_step": 1,
+            "model": {"n_layer": 1, "n_embd": 8, "vocab_size": 10}, "device": "cpu", "torch": "x", "val_works": ["hamlet"]}  # fmt: skip
+    (d / "run.json").write_text(json.dumps(meta))
+
+
+def test_summary_reports_the_lowest_val_loss_and_overfitting(tmp_path):
+    """Runs whose validation loss rises after a minimum: the table gives each recipe's lowest val loss (mean
+    over seeds) and its step (median over seeds), and the summary says the runs overfit; curves that keep
+    falling get no such line."""
+    rising = tmp_path / "rising"
+    _fake_run(rising, "bf16", 0, [9.0, 5.0, 4.0, 4.2])  # lowest 4.0 at step 20, final 5% higher
+    _fake_run(rising, "bf16", 1, [9.0, 5.0, 4.1, 4.3])
+    _fake_run(rising, "fp8", 0, [9.0, 4.5, 4.4, 4.41])  # lowest 4.4 at step 20, final 0.2% higher
+    _fake_run(rising, "fp8", 1, [9.0, 4.6, 4.5, 4.3])  # still falling: lowest = final, at step 30
+    s = hc.summarize(rising, ["bf16", "fp8"], 2)
+    bf16, fp8 = s["rows"]
+    assert bf16["best_val_loss"] == pytest.approx(4.05) and bf16["best_step"] == 20
+    assert fp8["best_val_loss"] == pytest.approx((4.4 + 4.3) / 2) and fp8["best_step"] == 25
+    md = hc.summary_markdown(s)
+    assert "| bf16 | 4.2500 ± 0.0707 |" in md and "4.0500 (20)" in md
+    assert "rose after its lowest point in 1 of 2 recipes" in md and "bf16: 4.0500 at step 20" in md
+
+    falling = tmp_path / "falling"
+    for seed in (0, 1):
+        _fake_run(falling, "bf16", seed, [9.0, 5.0, 4.0 - seed / 10])
+    assert "overfit" not in hc.summary_markdown(hc.summarize(falling, ["bf16"], 2))

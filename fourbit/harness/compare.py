@@ -132,6 +132,8 @@ class RunResult:
     final_train: float
     tokens_per_s: float
     curve: list[dict]
+    best_val: float  # the lowest validation loss of the run (after step 0) ...
+    best_step: int  # ... and the step it was measured at
 
 
 def _load_run(out: Path, recipe: str, seed: int) -> RunResult:
@@ -146,8 +148,13 @@ def _load_run(out: Path, recipe: str, seed: int) -> RunResult:
     if steps is not None and vals[-1]["step"] != steps:
         raise ValueError(f"{run_dir(out, recipe, seed)} is incomplete: last evaluation at step {vals[-1]['step']} "
                          f"of {steps} (resume it with the same command)")  # fmt: skip
+    best = min((r for r in vals if r["step"] > 0), key=lambda r: r["val_loss"], default=vals[-1])
     return RunResult(recipe, seed, vals[-1]["val_loss"], trains[-1]["train_loss"],
-                     statistics.median(rates) if rates else math.nan, rows)  # fmt: skip
+                     statistics.median(rates) if rates else math.nan, rows, best["val_loss"], best["step"])  # fmt: skip
+
+
+# a final val loss this much above the run's lowest (relative) is reported as overfitting
+OVERFIT_REL = 0.005
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -156,7 +163,8 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 def summarize(out: str | Path, recipes: list[str], seeds: int, **info) -> dict:
     """Final val loss per recipe (mean, std over seeds), paired gap to BF16 in % (mean, min, max), train
-    loss, median tokens/s; and the BF16 seed-to-seed spread. Pure function of the run directories."""
+    loss, median tokens/s, the lowest val loss of each run (mean over seeds, median step); and the BF16
+    seed-to-seed spread. Pure function of the run directories."""
     out = Path(out)
     runs = {(r, s): _load_run(out, r, s) for r in recipes for s in range(seeds)}
     base = {s: runs[(BASELINE, s)].final_val for s in range(seeds)}
@@ -171,6 +179,8 @@ def summarize(out: str | Path, recipes: list[str], seeds: int, **info) -> dict:
             "gap_pct": gmean, "gap_pct_std": gstd, "gap_pct_min": min(gaps), "gap_pct_max": max(gaps),
             "train_loss": statistics.fmean(runs[(r, s)].final_train for s in range(seeds)),
             "tokens_per_s": statistics.fmean(runs[(r, s)].tokens_per_s for s in range(seeds)),
+            "best_val_loss": statistics.fmean(runs[(r, s)].best_val for s in range(seeds)),
+            "best_step": int(statistics.median(runs[(r, s)].best_step for s in range(seeds))),
         })  # fmt: skip
     meta = json.loads((run_dir(out, BASELINE, 0) / "run.json").read_text())
     return {"rows": rows, "seeds": seeds, "recipes": list(recipes), "info": info,
@@ -189,15 +199,15 @@ def summary_markdown(summary: dict) -> str:
         f"tokens, {seeds} seed(s), device {summary['device']}, torch {summary['torch']}. Val: held-out plays "
         f"{', '.join(summary['val_works'])}.",
         "",
-        "| recipe | final val loss | gap vs bf16 | seed range of gap | final train loss | tokens/s |",
-        "|---|---|---|---|---|---|",
+        "| recipe | final val loss | gap vs bf16 | seed range of gap | final train loss | lowest val loss (step) | tokens/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         pm = f" ± {r['val_loss_std']:.4f}" if seeds > 1 else ""
         gap = "—" if r["recipe"] == BASELINE else f"{r['gap_pct']:+.2f}%"
         rng = "—" if r["recipe"] == BASELINE or seeds == 1 else f"[{r['gap_pct_min']:+.2f}, {r['gap_pct_max']:+.2f}]%"
         lines.append(f"| {r['recipe']} | {r['val_loss']:.4f}{pm} | {gap} | {rng} | {r['train_loss']:.4f} | "
-                     f"{r['tokens_per_s']:,.0f} |")  # fmt: skip
+                     f"{r['best_val_loss']:.4f} ({r['best_step']}) | {r['tokens_per_s']:,.0f} |")  # fmt: skip
     base = next(r for r in summary["rows"] if r["recipe"] == BASELINE)
     if seeds > 1:
         noise = 100.0 * base["val_loss_std"] / base["val_loss"]
@@ -205,10 +215,18 @@ def summary_markdown(summary: dict) -> str:
                       f"({noise:.2f}% of the loss). Gaps smaller than about twice that are within noise."]  # fmt: skip
     else:
         lines += ["", "One seed: no spread measured; run with `--seeds 3` before reading small gaps as real."]
+    risen = [r for r in summary["rows"] if r["val_loss"] > r["best_val_loss"] * (1 + OVERFIT_REL)]
+    if risen:
+        worst = max(risen, key=lambda r: r["val_loss"] / r["best_val_loss"])
+        lines += ["", f"Validation loss rose after its lowest point in {len(risen)} of {len(summary['rows'])} recipes "
+                      f"(by up to {100 * (worst['val_loss'] / worst['best_val_loss'] - 1):.1f}%, {worst['recipe']}: "
+                      f"{worst['best_val_loss']:.4f} at step {worst['best_step']}, {worst['val_loss']:.4f} at the end): "
+                      "the runs overfit their training text, so the final gaps measure overfitting as much as "
+                      "quantization. Compare the lowest-val column too."]  # fmt: skip
     lines += ["", "Loss is mean next-token cross-entropy in nats per token; gap = (L - L_bf16) / L_bf16, paired "
                   "by seed (same init, same batches). tokens/s is the median over logged intervals: "
-                  + ("on CUDA, NVFP4 runs fused Triton quantize/GEMM kernels, FP8 runs scaled_mm with PyTorch "
-                     "reference quantizers, MXFP4 runs the reference quantizers and the dequantize-to-BF16 GEMM."
+                  + ("on CUDA, the NVFP4, MX and FP8 operands are quantized by fused Triton kernels; NVFP4 and "
+                     "MXFP4 GEMMs dequantize to BF16 for a tensor-core GEMM, FP8 GEMMs run on scaled_mm."
                      if "cuda" in str(summary.get("device", ""))
                      else "the plain-PyTorch reference quantizers on the CPU, not kernels.")]  # fmt: skip
     return "\n".join(lines) + "\n"
