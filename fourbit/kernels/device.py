@@ -1,7 +1,7 @@
 """Which CUDA device a Triton launch goes to.
 
 Triton launches on the *current* CUDA device, not on its arguments' device: a process that drives cuda:1
-without ``torch.cuda.set_device`` would launch there on cuda:0 and fail ("cannot be accessed from Triton",
+without ``torch.cuda.set_device`` would launch its kernels on cuda:0 and fail ("cannot be accessed from Triton",
 "invalid resource handle"). Every public kernel entry point runs under ``on_operand_device``.
 """
 
