@@ -258,7 +258,7 @@ def plot(out: str | Path, summary: dict, path: str | Path) -> Path:
             ax = axes[k]
             xs, _ = _series(runs[0], key)
             ys = [statistics.fmean(v) for v in zip(*(_series(rr, key)[1] for rr in runs))]
-            lowest[k] += ys[-1:] + [min(ys, default=float("inf"))]
+            lowest[k].append(min(ys, default=float("inf")))
             ax.plot(xs[: len(ys)], ys, style, color=color, label=r, lw=1.6 if r in MAIN_RECIPES else 1.2)
         if r != BASELINE:
             gaps = []

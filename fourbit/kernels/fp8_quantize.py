@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..rounding import ElementIndex, Rounding
 from ..schemes import FP8Config
-from .tiling import reads_in_place
+from .tiling import row_reader
 from .tl_formats import F32_MAX, div_ieee, encode_exmy, exmy_constants, random_bits, sr_args
 
 TILE_C = 128  # columns per program, and the width of a 1x128 / 128x128 block
@@ -122,18 +122,16 @@ def quantize_fp8(x: torch.Tensor, config: FP8Config, rounding: Rounding, seed: i
                  sr_index: ElementIndex | None = None, *, strided: bool = False):  # fmt: skip
     """(codes uint8, float32 decode scales) exactly as ``fourbit.quantize`` builds them for ``config``.
 
-    ``strided``: read a transposed view of a contiguous matrix in place (``reads_in_place``), in tiles of
+    ``strided``: read a transposed view of a contiguous matrix in place (``tiling.row_reader``), in tiles of
     128 rows so that each program's loads along the contiguous dim are 128 elements long; other
     non-contiguous inputs are copied first."""
     if not covers(config):
         raise NotImplementedError(f"the FP8 kernel covers per-tensor, 1x128 and 128x128 scaling, got {config.block}")
     elem = config.elem
     interpret = not x.is_cuda
-    transposed = strided and reads_in_place(x)
-    xc = x if transposed else x.contiguous()
+    xc, stride_r, stride_c, transposed = row_reader(x, strided)
     C = x.shape[-1]
     R = x.numel() // C
-    stride_r, stride_c = (x.stride(0), x.stride(1)) if transposed else (C, 1)
     per_tensor = config.block is None
     br = 1 if per_tensor else config.block[0]
     Rp = R + (-R) % br

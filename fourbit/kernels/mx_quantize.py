@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..rounding import ElementIndex, Rounding
 from ..schemes import MXConfig, ScaleMode
-from .tiling import reads_in_place
+from .tiling import row_reader
 from .tl_formats import encode_exmy, exmy_constants, random_bits, sr_args
 
 MX_BLOCK = 32
@@ -113,17 +113,15 @@ def quantize_mx(x: torch.Tensor, config: MXConfig, rounding: Rounding, seed: int
                 num_warps: int = 4):  # fmt: skip
     """(data uint8, scales float8_e8m0fnu) exactly as ``fourbit.quantize`` builds them for ``config``.
 
-    ``strided``: read a transposed view of a contiguous matrix in place (``tiling.reads_in_place``), 64 rows
+    ``strided``: read a transposed view of a contiguous matrix in place (``tiling.row_reader``), 64 rows
     per program so that loads along the contiguous dim are 64 elements long; other non-contiguous inputs
     are copied first. ``br`` rows per program (default 16, or 64 for a strided read)."""
     if not covers(config):
         raise NotImplementedError(f"the MX kernel covers 1x32 blocks, got {config.block}")
     elem = config.elem
-    transposed = strided and reads_in_place(x)
-    xc = x if transposed else x.contiguous()
+    xc, stride_r, stride_c, transposed = row_reader(x, strided)
     C = x.shape[-1]
     R = x.numel() // C
-    stride_r, stride_c = (x.stride(0), x.stride(1)) if transposed else (C, 1)
     br = br or (64 if transposed else 16)
     Cp = C + (-C) % MX_BLOCK
     packed = elem.bits == 4
