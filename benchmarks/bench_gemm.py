@@ -90,21 +90,36 @@ def main() -> None:
     del qa, qb, ref
 
     # the gpu preset's GEMMs (16,384 tokens, C = 768, SwiGLU H = 2048): fprop, dgrad and wgrad of each
-    # linear, NVFP4 default dispatch against cuBLAS BF16 on the same shapes (BF16 out, as in training)
+    # linear against cuBLAS BF16 on the same shapes (BF16 out, as in training). Per shape: qmm from packed
+    # operands (two dequantize passes + the Triton BF16 GEMM), the Triton GEMM alone on BF16 operands (what
+    # QuantLinear's dequantized path runs; dgrad's B a transposed view, as there) and cuBLAS on the same
+    # operands with FP32 out plus a tensor-scale pass (the alternative for the GEMM).
     if "train" in parts:
         T = 16384
-        total_bf16 = total_q = 0.0
+        totals = [0.0] * 4
+        one = torch.ones(1, device="cuda")
         for name, n_in, n_out in (("c_attn", 768, 2304), ("attn.c_proj", 768, 768), ("c_fc", 768, 4096), ("mlp.c_proj", 2048, 768)):
             for gemm, (m_, n_, k_) in (("fprop", (T, n_out, n_in)), ("dgrad", (T, n_in, n_out)), ("wgrad", (n_out, n_in, T))):
                 x = torch.randn(m_, k_, device="cuda", dtype=torch.bfloat16)
                 y = torch.randn(n_, k_, device="cuda", dtype=torch.bfloat16)
+                y16 = y.T.contiguous().T if gemm == "dgrad" else y  # dgrad's W^T: a view of fprop's (N, K) W
                 qx, qy = fourbit.quantize(x, "nvfp4"), fourbit.quantize(y, "nvfp4")
-                t_bf16 = median_ms(lambda: F.linear(x, y))
-                t_q = median_ms(lambda: g.qmm(qx, qy, out_dtype=torch.bfloat16))
-                total_bf16, total_q = total_bf16 + t_bf16, total_q + t_q
+                times = [
+                    median_ms(lambda: F.linear(x, y)),
+                    median_ms(lambda: g.qmm(qx, qy, out_dtype=torch.bfloat16)),
+                    median_ms(lambda: dq.scaled_gemm(x, y16, one, one, torch.bfloat16)),
+                    median_ms(lambda: (torch.mm(x, y16.T, out_dtype=torch.float32) * one).to(torch.bfloat16)),
+                ]
+                totals = [a + b for a, b in zip(totals, times)]
                 f = 2 * m_ * n_ * k_
+                t_bf16, t_q, t_tri, t_cub = times
                 rows.append((f"gpu preset {name} {gemm} {m_}x{n_}x{k_}: NVFP4 qmm (BF16 {t_bf16:.4f} ms)", t_q, f / t_q / 1e9, t_bf16 / t_q))
-        rows.append((f"gpu preset, all 12 GEMMs of one block: NVFP4 qmm (BF16 {total_bf16:.4f} ms)", total_q, float("nan"), total_bf16 / total_q))
+                rows.append((f"  same, Triton scaled GEMM on BF16 operands / cuBLAS FP32 out + scale pass {t_cub:.4f} ms "
+                             f"({t_bf16 / t_cub:.2f}x)", t_tri, f / t_tri / 1e9, t_bf16 / t_tri))  # fmt: skip
+        t_bf16, t_q, t_tri, t_cub = totals
+        rows.append((f"gpu preset, all 12 GEMMs of one block: NVFP4 qmm (BF16 {t_bf16:.4f} ms)", t_q, float("nan"), t_bf16 / t_q))
+        rows.append((f"  same: Triton scaled GEMM alone / cuBLAS FP32 + scale pass {t_cub:.4f} ms ({t_bf16 / t_cub:.2f}x)",
+                     t_tri, float("nan"), t_bf16 / t_tri))  # fmt: skip
 
     fp8_cases = (("tensorwise", None, None), ("blockwise 1x128 x 128x128", (1, 128), (128, 128))) if "fp8" in parts else ()
     for name, ka, kb in fp8_cases:

@@ -6,8 +6,8 @@ gradient (input and weight gradients both computed). FLOPs = 3 GEMMs x 2 M N K.
 
 Then a breakdown of the ``fp8-blockwise`` layer (DeepSeek-V3: 1x128 tiles for x and dy, 128x128 blocks for
 W, E4M3) into its quantizations and its three ``scaled_mm`` GEMMs, each timed alone. FP8 and MX layers are
-timed twice: as ``backend="auto"`` runs them, and with wgrad's transposed operands read in place by the
-quantize kernels (``strided=True``) instead of copied first.
+timed twice: as ``backend="auto"`` runs them (wgrad's transposed operands read in place by the quantize
+kernels), and with those operands copied to contiguous memory first (``strided=False``, the old way).
 
     PYTHONPATH=. python benchmarks/bench_linear.py [--tokens 8192 16384] [--recipes fp8-blockwise fp8 nvfp4] [--out FILE.md]
 """
@@ -65,13 +65,13 @@ def breakdown(M: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def strided_reads():
-    """The MX and FP8 kernels read wgrad's transposed views in place (their ``strided=True`` path, which
-    ``backend="auto"`` does not take until it has passed its GPU test) for the duration of the block."""
+def copied_reads():
+    """The MX and FP8 kernels copy wgrad's transposed views to contiguous memory before quantizing them
+    (``strided=False``, what ``backend="auto"`` did before in-place reads) for the duration of the block."""
     from fourbit.kernels import fp8_quantize, mx_quantize
 
     def forced(fn):
-        return lambda *args, **kwargs: fn(*args, **(kwargs | {"strided": True}))  # over the caller's strided=
+        return lambda *args, **kwargs: fn(*args, **(kwargs | {"strided": False}))  # over the caller's strided=
 
     saved = fp8_quantize.quantize_fp8, mx_quantize.quantize_mx
     fp8_quantize.quantize_fp8, mx_quantize.quantize_mx = forced(saved[0]), forced(saved[1])
@@ -110,7 +110,7 @@ def main() -> None:
             layer = QuantLinear.from_linear(base, name)
             variants = [("", contextlib.nullcontext)]
             if name.startswith(("fp8", "mx")):
-                variants.append((", transposed operands read in place", strided_reads))
+                variants.append((", transposed operands copied first", copied_reads))
             for label, mode in variants:
                 with mode():
                     ms = median_ms(fwd_bwd(layer, x, dy))

@@ -90,3 +90,14 @@ def gemm_check(out: torch.Tensor, a_hat: torch.Tensor, b_hat: torch.Tensor, rtol
 
 
 E2M1_VALUES = E2M1.values()
+
+
+def block_values(q) -> torch.Tensor:
+    """float64 e2m1(code) * e4m3(block scale) of an NVFP4 QuantizedTensor, as (padded rows, padded cols): the
+    OCP table and torch's own E4M3 decode, an oracle independent of the kernels' bit tricks."""
+    codes = q.codes().long().reshape(-1, q.data.shape[-1] * 2)
+    e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float64)  # OCP MX v1.0, table 5
+    values = torch.where(codes >= 8, -e2m1[codes % 8], e2m1[codes % 8])
+    br = q.config.block[0]
+    scale = q.scales.view(torch.float8_e4m3fn).double().reshape(-1, codes.shape[1] // 16)
+    return values * scale.repeat_interleave(br, 0).repeat_interleave(16, 1)

@@ -15,7 +15,7 @@ import fourbit
 import fourbit.kernels as K
 from fourbit.rounding import ElementIndex
 from fourbit.kernels.swizzle import blocked_offset, from_blocked, to_blocked
-from kernel_cases import BF16_OUT_RTOL, assert_same_bytes, edge_input, gemm_check, grid_operand
+from kernel_cases import BF16_OUT_RTOL, assert_same_bytes, block_values, edge_input, gemm_check, grid_operand
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -195,6 +195,68 @@ def test_quantlinear_wgrad_uses_fused_kernel_bit_exact(monkeypatch):
     assert torch.equal(lin.weight.grad, fused_dw)
 
 
+@gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("block", BLOCKS, ids=BLOCK_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_dequantized_operand_bit_exact(kind, block, dtype, rounding):
+    """``quantize_dequantized``: values = e2m1(code) * e4m3(block scale) of the CPU reference, exactly (NaN
+    blocks NaN), the tensor scale bit for bit; rows and columns cut tiles and are padded to blocks."""
+    x = edge_input(kind, (272, 312), dtype, _gen(hash(kind) % 1000)).cuda()
+    kw = dict(block=block, rounding=rounding, seed=1234 if rounding == "stochastic" else None)
+    want = _ref(x, scheme="nvfp4", pad=True, check_finite=False, **kw)
+    got = K.quantize_dequantized(x, want.config, rounding=rounding, seed=kw["seed"])
+    assert got.rows == 272 and got.values.dtype == torch.bfloat16
+    torch.testing.assert_close(got.values.cpu().double(), block_values(want), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got.tensor_scale.cpu().view(torch.int32), want.tensor_scale.view(torch.int32))
+
+
+@gpu
+@pytest.mark.parametrize("rht_on", [True, False], ids=["rht", "no-rht"])
+@pytest.mark.parametrize("shape", [(1000, 768), (4096, 272)], ids=["pad-tokens", "odd-features"])
+def test_wgrad_kernel_dequantized_bit_exact(shape, rht_on):
+    """``quantize_wgrad(..., dequantized=True)`` = codes times scales of its packed (bit-exact) output."""
+    from fourbit.hadamard import RHT
+    from fourbit.schemes import NVFP4Config
+
+    t = (torch.randn(shape, generator=_gen(22)) * 5).bfloat16().cuda()
+    kw = dict(rounding="stochastic", seed=5, transform=RHT(16, 1234) if rht_on else None)
+    packed = K.quantize_wgrad(t, NVFP4Config(), **kw)
+    got = K.quantize_wgrad(t, NVFP4Config(), dequantized=True, **kw)
+    want = dataclasses.replace(packed, data=packed.data.cpu(), scales=packed.scales.cpu())
+    assert got.rows == shape[1]
+    assert torch.equal(got.values.cpu().double(), block_values(want))
+    assert torch.equal(got.tensor_scale.cpu(), packed.tensor_scale.cpu())
+
+
+@gpu
+@pytest.mark.parametrize("recipe", ["nvfp4", "nvfp4-no-2d", "nvfp4-none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_quantlinear_dequantized_path_matches_packed_path(recipe, dtype, monkeypatch):
+    """On CUDA QuantLinear runs its GEMMs on ``Dequantized`` operands (``_emulates``); y, dx and dW equal the
+    packed path's (quantize, dequantize, GEMM) up to float32 summation order: same codes, scales, seeds."""
+    import fourbit.nn.linear as L
+    from fourbit.nn import QuantLinear
+
+    lin = QuantLinear(768, 256, bias=False, recipe=recipe).cuda().to(dtype)
+    x = (torch.randn(1020, 768, generator=_gen(3)) * 2).to(dtype).cuda()  # 1020 tokens: wgrad pads to 1024
+    dy = torch.randn(1020, 256, generator=_gen(4)).to(dtype).cuda()
+    real, used, outs = L._emulates, [], []
+    monkeypatch.setattr(L, "_emulates", lambda *a: used.append(real(*a)) or used[-1])
+    for _ in range(2):
+        lin.step, lin.weight.grad = 0, None
+        xi = x.clone().requires_grad_()
+        y = lin(xi)
+        y.backward(dy)
+        outs.append([y.detach().float(), xi.grad.float(), lin.weight.grad.float()])
+        monkeypatch.setattr(L, "_emulates", lambda *a: False)
+    assert used == [True], "the dequantized path was not taken"
+    tol = 2e-6 if dtype == torch.float32 else 8e-3  # bf16 outputs: one rounding of a slightly different sum
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
 MX_GPU_CASES = [(s, f) for s, f in (("mxfp4", None), ("mxfp6", None), ("mxfp6", "e3m2"), ("mxfp8", None), ("mxfp8", "e5m2"))]
 
 
@@ -293,14 +355,16 @@ def test_operand_device_finds_the_first_cuda_operand():
                                        ("fp8-blockwise", {}), ("fp8-blockwise", {"block": (128, 128)})])  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_mx_fp8_kernels_read_transposed_views_in_place(scheme, kw, dtype):
-    """``backend="triton"`` quantizes wgrad's ``t.T`` straight from ``t`` (no contiguous copy): the bytes of
-    the reference on the contiguous transpose, with padding of the token dim and SR with an ElementIndex."""
+    """The MX and FP8 kernels quantize wgrad's ``t.T`` straight from ``t`` (no contiguous copy), under
+    ``backend="triton"`` and ``"auto"`` alike: the bytes of the reference on the contiguous transpose, with
+    padding of the token dim and SR with an ElementIndex."""
     t = (torch.randn(1000, 384, generator=_gen(34)) * torch.logspace(-3, 3, 384)).to(dtype)  # (tokens, features)
     for rounding, seed in (("nearest", None), ("stochastic", 5)):
         index = ElementIndex(col_offset=1000, row_stride=4000) if seed else None
         args = dict(kw, rounding=rounding, seed=seed, sr_index=index, pad=True, check_finite=False)
-        got = fourbit.quantize(t.cuda().T, scheme, backend="triton", **args)
-        assert_same_bytes(got, fourbit.quantize(t.T.contiguous(), scheme, backend="reference", **args))
+        want = fourbit.quantize(t.T.contiguous(), scheme, backend="reference", **args)
+        for backend in ("triton", "auto"):
+            assert_same_bytes(fourbit.quantize(t.cuda().T, scheme, backend=backend, **args), want)
 
 
 @gpu

@@ -17,7 +17,7 @@ import torch
 import fourbit
 from fourbit.rounding import ElementIndex, Rounding
 from fourbit.schemes import NVFP4Config
-from kernel_cases import BF16_TRUNC_RTOL, assert_same_bytes, edge_input, gemm_check, grid_operand
+from kernel_cases import BF16_TRUNC_RTOL, assert_same_bytes, block_values, edge_input, gemm_check, grid_operand
 
 INTERPRET = importlib.util.find_spec("triton") is not None and not torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="needs triton without CUDA (the GPU tests cover it there)")
@@ -415,3 +415,100 @@ def test_quantize_kernel_writes_swizzled_scales(shape, rounding):
     assert torch.equal(tscale.view(torch.int32), want.tensor_scale.view(torch.int32))
     ref = want.scales.view(torch.uint8).reshape(-1, want.scales.shape[-1])
     assert torch.equal(scales.view(torch.uint8), to_blocked(ref))
+
+
+DEQ_CASES = [
+    ((32, 128), (1, 16), "nearest", torch.float32),
+    ((40, 96), (16, 16), "stochastic", torch.bfloat16),  # rows padded 40 -> 48
+    ((2, 8, 72), (1, 16), "stochastic", torch.float16),  # leading dims, 72 -> 80 columns
+    ((20, 64), (16, 16), "nearest", torch.float32),
+]
+
+
+@pytest.mark.parametrize("shape,block,rounding,dtype", DEQ_CASES, ids=["1x16-rne", "16x16-sr-rows", "1x16-sr-cols", "16x16-rne"])
+def test_dequantized_operand_is_codes_times_scales(shape, block, rounding, dtype):
+    """``quantize_nvfp4_dequantized`` (no packed codes written) = e2m1(code) * block scale of the reference
+    quantization, exactly in BF16, zero-padded to whole blocks; its tensor scale is the reference's, bit
+    for bit; a given amax, an ElementIndex and a NaN block (NaN values, as dequantizing gives) included."""
+    from fourbit.kernels.nvfp4_quantize import quantize_nvfp4_dequantized
+
+    x = (torch.randn(*shape, generator=torch.Generator().manual_seed(shape[-1])) * 5).to(dtype)
+    x.view(-1, shape[-1])[1, 2] = float("nan")
+    seed = 11 if rounding == "stochastic" else None
+    index = ElementIndex(row_offset=64, col_offset=16, row_stride=512) if seed else None
+    for amax in (None, 3.0):
+        kw = dict(block=block, rounding=rounding, seed=seed, sr_index=index, amax=amax)
+        want = fourbit.quantize(x, "nvfp4", pad=True, check_finite=False, backend="reference", **kw)
+        values, tscale = quantize_nvfp4_dequantized(x, NVFP4Config(block=block), Rounding.parse(rounding), seed, amax, index)
+        oracle = block_values(want)
+        assert values.dtype == torch.bfloat16 and values.shape == oracle.shape
+        torch.testing.assert_close(values.double(), oracle, rtol=0, atol=0, equal_nan=True)
+        assert torch.isnan(values[1, :16]).all() and not torch.isnan(values[1, 16:]).any()  # the NaN's block only
+        assert bool(torch.isnan(values[0, :16]).all()) == (block == (16, 16))  # a 16x16 block holds rows 0-15
+        assert torch.equal(tscale.view(torch.int32), want.tensor_scale.view(torch.int32))
+
+
+@pytest.mark.parametrize("shape,use_rht,rounding", [((48, 64), True, "stochastic"), ((40, 32), False, "nearest")])
+def test_wgrad_kernel_dequantized_output(shape, use_rht, rounding):
+    """The fused wgrad kernel's ``dequantized`` output = codes times scales of its packed output, exactly."""
+    from fourbit.hadamard import random_signs
+    from fourbit.kernels.nvfp4_quantize import quantize_nvfp4_wgrad
+    from fourbit.quantize import QuantizedTensor
+
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(5)) * 2
+    signs = random_signs(3, 16).float() if use_rht else None
+    seed = 4 if rounding == "stochastic" else None
+    args = (t, NVFP4Config(), Rounding.parse(rounding), seed, signs)
+    data, scales, ts = quantize_nvfp4_wgrad(*args, bf=16, nb=2)
+    values, ts2 = quantize_nvfp4_wgrad(*args, bf=16, nb=2, dequantized=True)
+    Mp = shape[0] + (-shape[0]) % 16
+    q = QuantizedTensor(data, scales, ts, NVFP4Config(), torch.Size((shape[1], Mp)), torch.float32)
+    assert torch.equal(values.double(), block_values(q))
+    assert torch.equal(ts2.view(torch.int32), ts.view(torch.int32))
+
+
+def test_scaled_gemm_reads_strided_operands():
+    """``scaled_gemm`` with a transposed B view (dgrad's W^T from fprop's W) and a transposed A: float64 oracle."""
+    from fourbit.kernels.dequant_gemm import scaled_gemm
+
+    gen = torch.Generator().manual_seed(8)
+    a = torch.randint(-6, 7, (48, 128), generator=gen).bfloat16()  # small integers: exact in bf16
+    w = torch.randint(-6, 7, (128, 96), generator=gen).bfloat16()  # B^T = w, B = w.T (96, 128), a view
+    ta, tb = torch.tensor([0.375]), torch.tensor([3.0])
+    for a_op in (a, a.T.contiguous().T):
+        out = scaled_gemm(a_op, w.T, ta, tb, torch.float32, tile=(16, 32, 64, 2, 4, 1))
+        want = (a.double() @ w.double()) * (0.375 * 3.0)
+        assert torch.equal(out.double(), want)  # integer products and sums: exact in fp32
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4", "nvfp4-no-2d"])
+@pytest.mark.parametrize("tokens", [64, 56], ids=["t64", "t56-padded"])
+def test_quantlinear_dequantized_path_equals_quantize_then_gemm(recipe, tokens, monkeypatch):
+    """QuantLinear through ``Dequantized`` operands (one kernel per operand, no packed codes, W^T a view of
+    fprop's W for 16x16 blocks) gives y, dx and dW equal to the QuantizedTensor path up to float32
+    summation order: same codes, scales, seeds and tensor scales."""
+    import fourbit.kernels as K
+    import fourbit.nn.linear as L
+    from fourbit.nn import QuantLinear
+
+    def on_cpu(x, config):  # the dispatch rules without their CUDA condition
+        return x.numel() > 0 and isinstance(config, NVFP4Config) and not config.four_over_six
+
+    monkeypatch.setattr(K, "dequantized_applies", on_cpu)
+    monkeypatch.setattr(K, "_wgrad_kernel_applies", lambda t, c, tr: t.dim() == 2 and on_cpu(t, c) and c.block == (1, 16))
+    real, used = L._emulates, []
+    monkeypatch.setattr(L, "_emulates", lambda *a: used.append(real(*a)) or used[-1])
+    lin = QuantLinear(128, 64, bias=False, recipe=recipe)
+    x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(tokens)) * 2
+    outs = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(L, "_emulates", lambda *a: False)
+        lin.step, lin.weight.grad = 0, None
+        xi = x.clone().requires_grad_()
+        y = lin(xi)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        outs.append((y.detach(), xi.grad, lin.weight.grad.clone()))
+    assert used == [True], "the dequantized path was not taken"
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6 * float(want.abs().max()))

@@ -13,15 +13,20 @@ options ``covers`` rejects.
 ``quantize_swizzled(x, ...)`` is NVFP4 1x16 with the block scales written in Blackwell's SWIZZLE_32_4_4 order
 (for native block-scaled GEMMs), by the same kernel.
 
+``quantize_dequantized(x, config, ...)`` is NVFP4 straight to the operand the emulated GEMM multiplies
+(``Dequantized``: e2m1 * block scale in BF16, exact, and the tensor scale apart), in one kernel that writes
+no packed codes; ``dequantized_mm(a, b)`` multiplies two such operands. ``QuantLinear`` runs its three
+GEMMs this way on Hopper (``quantize_wgrad(..., dequantized=True)`` for wgrad's operands): the same
+numbers as quantize, dequantize, GEMM, with two fewer passes per operand.
+
 ``quantize_wgrad(t, config, ...)`` builds a wgrad operand, ``quantize(rht(pad(t^T)))``, from the
 untransposed (tokens, features) tensor in one kernel (``wgrad_amax`` is its amax pass alone, for an
 all-reduce between data-parallel ranks); ``QuantLinear`` uses it for NVFP4 wgrad operands on CUDA.
 
-Non-contiguous inputs are copied to contiguous memory first (one extra read and write), except that under
-``backend="triton"`` the MX and FP8 kernels read a transposed view of a contiguous matrix (wgrad's ``dy.T``,
-``x.T``) in place: bit-exact under Triton's interpreter and compiled for sm_90, its GPU test
-(``test_mx_fp8_kernels_read_transposed_views_in_place``) not yet run, so ``auto`` still copies. Each entry point
-launches on its operands' CUDA device, whatever device is current (``device.on_operand_device``).
+Non-contiguous inputs are copied to contiguous memory first (one extra read and write), except that the MX
+and FP8 kernels read a transposed view of a contiguous matrix (wgrad's ``dy.T``, ``x.T``) in place, through
+its strides (``tiling.row_reader``). Each entry point launches on its operands' CUDA device, whatever device
+is current (``device.on_operand_device``).
 
 GEMMs (CUDA only; each returns ``None`` where it does not apply, so callers fall back):
 
@@ -36,13 +41,15 @@ GEMMs (CUDA only; each returns ``None`` where it does not apply, so callers fall
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..rounding import Rounding
 from .device import on_operand_device
 
-__all__ = ["triton_available", "quantize", "quantize_swizzled", "quantize_wgrad", "wgrad_amax", "qmm", "linear_w4a16",
-           "fp8_mm"]
+__all__ = ["triton_available", "quantize", "quantize_swizzled", "quantize_dequantized", "Dequantized", "dequantized_mm",
+           "quantize_wgrad", "wgrad_amax", "qmm", "linear_w4a16", "fp8_mm"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -86,11 +93,10 @@ def quantize(x, config, *, rounding, seed, amax, pad, backend, sr_index=None):
         from . import fp8_quantize, mx_quantize
 
         out = None
-        strided = backend == "triton"  # transposed views read in place: on request until run on a GPU
         if mx_quantize.covers(config):
-            out = mx_quantize.quantize_mx(x, config, rounding, seed, pad, sr_index, strided=strided)
+            out = mx_quantize.quantize_mx(x, config, rounding, seed, pad, sr_index, strided=True)
         elif fp8_quantize.covers(config):
-            out = fp8_quantize.quantize_fp8(x, config, rounding, seed, amax, pad, sr_index, strided=strided)
+            out = fp8_quantize.quantize_fp8(x, config, rounding, seed, amax, pad, sr_index, strided=True)
         if out is not None:
             from ..quantize import QuantizedTensor
 
@@ -136,6 +142,61 @@ def quantize_swizzled(x, *, rounding="nearest", seed=None, amax=None, sr_index=N
     return quantize_nvfp4(x, config, rounding, seed, amax, pad, sr_index, swizzle=True)
 
 
+class Dequantized(NamedTuple):
+    """An NVFP4 operand as the emulated GEMM multiplies it: ``values[:rows] * tensor_scale`` is the dequantized
+    (rows, K) matrix. ``values`` (bf16, rows and K zero-padded to whole blocks) holds each element's
+    e2m1(code) * e4m3(block scale), exactly; ``tensor_scale`` (float32, 0-dim) is the decode scale."""
+
+    values: torch.Tensor
+    tensor_scale: torch.Tensor
+    rows: int
+
+    def t(self) -> "Dequantized":
+        """The transposed operand, a view (exact for square 2D blocks, whose transpose is their quantization
+        of the transposed matrix, as ``fourbit.gemm.transpose`` says)."""
+        return Dequantized(self.values.T, self.tensor_scale, self.values.shape[1])
+
+
+def dequantized_applies(x: torch.Tensor, config) -> bool:
+    """Whether ``quantize_dequantized`` covers ``x`` and ``config`` (CUDA, triton, NVFP4 without four-over-six)."""
+    from ..schemes import NVFP4Config
+
+    return (
+        isinstance(x, torch.Tensor) and x.is_cuda and triton_available() and x.dtype in _KERNEL_DTYPES and x.numel() > 0
+        and isinstance(config, NVFP4Config) and not config.four_over_six
+    )  # fmt: skip
+
+
+@on_operand_device
+def quantize_dequantized(x, config, *, rounding, seed=None, amax=None, sr_index=None) -> Dequantized | None:
+    """NVFP4 of ``x`` (..., C) as a ``Dequantized`` (rows = x's rows), or None where no kernel covers it.
+
+    The values are those of ``fourbit.quantize(x, config, pad=True, ...)``'s codes times its block scales,
+    and the tensor scale is its tensor scale: ``values[:rows, :C] * tensor_scale == q.dequantize()``."""
+    if not dequantized_applies(x, config):
+        return None
+    from .nvfp4_quantize import quantize_nvfp4_dequantized
+
+    rounding = Rounding.parse(rounding)
+    values, tscale = quantize_nvfp4_dequantized(x, config, rounding, seed, amax, sr_index)
+    return Dequantized(values, tscale, x.numel() // x.shape[-1])
+
+
+@on_operand_device
+def dequantized_mm(a: Dequantized, b: Dequantized, *, out_dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """``A @ B^T`` (a.rows, b.rows) of two ``Dequantized`` operands padded to the same K: one BF16
+    tensor-core GEMM, FP32 accumulation, both tensor scales in its epilogue; None where K (padded) is not
+    a multiple of the GEMM's K step (``dequant_gemm.K_ALIGN``)."""
+    from .dequant_gemm import K_ALIGN, scaled_gemm
+
+    K = a.values.shape[1]
+    if b.values.shape[1] != K:
+        raise ValueError(f"dequantized_mm: K differs, {tuple(a.values.shape)} vs {tuple(b.values.shape)}")
+    if K % K_ALIGN:
+        return None
+    return scaled_gemm(a.values[: a.rows], b.values[: b.rows], a.tensor_scale, b.tensor_scale, out_dtype)
+
+
 def _wgrad_kernel_applies(t, config, transform) -> bool:
     from ..schemes import NVFP4Config
 
@@ -153,20 +214,25 @@ def _signs(transform, device):
 
 
 @on_operand_device
-def quantize_wgrad(t, config, *, rounding, seed, transform=None, amax=None, sr_index=None):
+def quantize_wgrad(t, config, *, rounding, seed, transform=None, amax=None, sr_index=None, dequantized=False):
     """A wgrad operand straight from ``t`` (tokens, features): ``quantize(rht(pad(t^T)))`` with tokens zero-padded
     to a multiple of 16, in one fused kernel (no transposed, padded or transformed copy), bit-exact with
     that reference chain; or None where the kernel does not apply (not NVFP4 1x16, not CUDA, ...).
 
     ``transform`` is a ``fourbit.hadamard.RHT`` of size 16 or None; ``amax`` (of the transformed tensor,
-    e.g. all-reduced from ``wgrad_amax``) skips the amax pass."""
+    e.g. all-reduced from ``wgrad_amax``) skips the amax pass. ``dequantized``: a ``Dequantized`` operand
+    (features, tokens') instead of a ``QuantizedTensor``."""
     if not _wgrad_kernel_applies(t, config, transform):
         return None
     from ..quantize import QuantizedTensor
     from .nvfp4_quantize import quantize_nvfp4_wgrad
 
     rounding = Rounding.parse(rounding)
-    data, scales, tscale = quantize_nvfp4_wgrad(t, config, rounding, seed, _signs(transform, t.device), amax, sr_index)
+    signs = _signs(transform, t.device)
+    if dequantized:
+        values, tscale = quantize_nvfp4_wgrad(t, config, rounding, seed, signs, amax, sr_index, dequantized=True)
+        return Dequantized(values, tscale, t.shape[1])
+    data, scales, tscale = quantize_nvfp4_wgrad(t, config, rounding, seed, signs, amax, sr_index)
     M, F = t.shape
     shape = torch.Size((F, M + (-M) % 16))
     return QuantizedTensor(data, scales, tscale, config, shape, torch.float32 if transform is not None else t.dtype)

@@ -30,10 +30,9 @@ import triton
 import triton.language as tl
 
 from .tiling import grouped_tile
-from .tl_formats import decode_e4m3
+from .tl_formats import decode_e2m1, decode_e4m3
 
 K_ALIGN = 64  # the dequantized operands' K is padded to this (the largest BK below)
-TWO_POW_126 = tl.constexpr(8.507059173023462e37)  # 2^126: float32 bits (m << 22) are e2m1(m) * 2^-126
 
 
 @triton.jit
@@ -67,9 +66,7 @@ def _dequant_kernel(
     else:
         scale = decode_e4m3(sc)
     lo, hi = packed & 0xF, packed >> 4
-    # e2m1 * 2^-126 from the code's bits (a float32 subnormal for |e2m1| < 1), times 2^126: exact
-    v_lo = (((lo & 7) << 22) | ((lo & 8) << 28)).to(tl.float32, bitcast=True) * TWO_POW_126 * scale
-    v_hi = (((hi & 7) << 22) | ((hi & 8) << 28)).to(tl.float32, bitcast=True) * TWO_POW_126 * scale
+    v_lo, v_hi = decode_e2m1(lo) * scale, decode_e2m1(hi) * scale  # exact
     vals = tl.reshape(tl.join(v_lo, v_hi), (BR, 2 * BP))  # interleave: element 2i, 2i+1
     cols = tl.program_id(1) * (2 * BP) + tl.arange(0, 2 * BP)[None, :]
     tl.store(out_ptr + rows * KOUT + cols, vals.to(tl.bfloat16), mask=(rows < R) & (cols < KOUT))
@@ -108,56 +105,66 @@ def _configs():
 
 
 @triton.jit
-def _scaled_gemm_body(a_ptr, b_ptr, ta_ptr, tb_ptr, c_ptr, M, N, K, BM, BN, BK, GROUP_M, DOT_BF16):
+def _scaled_gemm_body(a_ptr, b_ptr, ta_ptr, tb_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bn, stride_bk,
+                      BM, BN, BK, GROUP_M, DOT_BF16):  # fmt: skip
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     rows_a = (offs_m % M).to(tl.int64)  # rows past the edge re-read valid rows; their results are not stored
     rows_b = (offs_n % N).to(tl.int64)
     offs_k = tl.arange(0, BK)
-    a_ptrs = a_ptr + rows_a[:, None] * K + offs_k[None, :]
-    b_ptrs = b_ptr + rows_b[:, None] * K + offs_k[None, :]
+    a_ptrs = a_ptr + rows_a[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + rows_b[:, None] * stride_bn + offs_k[None, :] * stride_bk
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for _ in range(0, K, BK):  # K is a multiple of BK (zero-padded by the dequantization)
         a, b = tl.load(a_ptrs), tl.load(b_ptrs)
         if not DOT_BF16:  # Triton's CPU interpreter: its bf16 dot is wrong; the products are exact in fp32 too
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc)
-        a_ptrs += BK
-        b_ptrs += BK
+        a_ptrs += BK * stride_ak
+        b_ptrs += BK * stride_bk
     out = acc * (tl.load(ta_ptr) * tl.load(tb_ptr))
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], out.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "stride_ak", "stride_bk"])
 @triton.jit
-def _scaled_gemm_kernel(a_ptr, b_ptr, ta_ptr, tb_ptr, c_ptr, M, N, K,
+def _scaled_gemm_kernel(a_ptr, b_ptr, ta_ptr, tb_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bn, stride_bk,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, DOT_BF16: tl.constexpr):  # fmt: skip
-    _scaled_gemm_body(a_ptr, b_ptr, ta_ptr, tb_ptr, c_ptr, M, N, K, BM, BN, BK, GROUP_M, DOT_BF16)
+    _scaled_gemm_body(a_ptr, b_ptr, ta_ptr, tb_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bn, stride_bk,
+                      BM, BN, BK, GROUP_M, DOT_BF16)  # fmt: skip
 
 
 @triton.jit
-def _scaled_gemm_fixed(a_ptr, b_ptr, ta_ptr, tb_ptr, c_ptr, M, N, K,
+def _scaled_gemm_fixed(a_ptr, b_ptr, ta_ptr, tb_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bn, stride_bk,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, DOT_BF16: tl.constexpr):  # fmt: skip
-    _scaled_gemm_body(a_ptr, b_ptr, ta_ptr, tb_ptr, c_ptr, M, N, K, BM, BN, BK, GROUP_M, DOT_BF16)
+    _scaled_gemm_body(a_ptr, b_ptr, ta_ptr, tb_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bn, stride_bk,
+                      BM, BN, BK, GROUP_M, DOT_BF16)  # fmt: skip
 
 
 def scaled_gemm(a16, b16, ta, tb, out_dtype, *, tile: tuple | None = None) -> torch.Tensor:
     """``(a16 @ b16^T) * ta * tb`` for bf16 (M, K), (N, K) with K a multiple of ``K_ALIGN``; FP32 accumulation.
 
-    ``tile`` = one ``GEMM_TILES`` entry skips the autotuner (the benchmark and the interpreter use it).
+    Either operand may be any strided 2D view (e.g. ``w16.T``, a transposed weight for dgrad): the kernel
+    reads it through its strides. ``tile`` = one ``GEMM_TILES`` entry skips the autotuner (the benchmark
+    and the interpreter use it).
     """
     M, K = a16.shape
     N = b16.shape[0]
+    if K % K_ALIGN or b16.shape[1] != K:
+        raise ValueError(f"scaled_gemm: K must match and be a multiple of {K_ALIGN}, got {tuple(a16.shape)}, {tuple(b16.shape)}")
     c = torch.empty((M, N), dtype=out_dtype, device=a16.device)
+    strides = (*a16.stride(), *b16.stride())
+    if tile is None and not a16.is_cuda:
+        tile = (32, 32, 64, 2, 4, 1)  # Triton's interpreter cannot time configs
     if tile is None:
         grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
-        _scaled_gemm_kernel[grid](a16, b16, ta, tb, c, M, N, K, DOT_BF16=True)
+        _scaled_gemm_kernel[grid](a16, b16, ta, tb, c, M, N, K, *strides, DOT_BF16=True)
     else:
         bm, bn, bk, g, w, s = tile
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _scaled_gemm_fixed[grid](a16, b16, ta, tb, c, M, N, K, BM=bm, BN=bn, BK=bk, GROUP_M=g,
+        _scaled_gemm_fixed[grid](a16, b16, ta, tb, c, M, N, K, *strides, BM=bm, BN=bn, BK=bk, GROUP_M=g,
                                  DOT_BF16=a16.is_cuda, num_warps=w, num_stages=s)
     return c
 

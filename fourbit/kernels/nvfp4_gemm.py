@@ -44,7 +44,7 @@ import triton.language as tl
 
 from ..schemes import NVFP4Config
 from .tiling import grouped_tile
-from .tl_formats import decode_e4m3
+from .tl_formats import TWO_POW_126, decode_e4m3
 
 TWO_POW_110 = tl.constexpr(1.298074214633707e33)  # 2^110: e2m1 * 2^-126 * scale * 2^110 = e2m1 * scale * 2^-16
 TWO_POW_16 = tl.constexpr(65536.0)
@@ -79,7 +79,6 @@ GEMV_FMA_CONFIGS = (
 # against 0.18 ms for the tensor-core one; B = 2 was not measured, so it stays on the tensor cores.
 FMA_MAX_BATCH = 1
 FMA_BATCH_LIMIT = 4  # the most rows the CUDA-core kernel takes when its config is asked for explicitly
-TWO_POW_126 = tl.constexpr(8.507059173023462e37)  # 2^126: float32 bits (m << 22) are e2m1(m) * 2^-126
 
 
 @triton.jit

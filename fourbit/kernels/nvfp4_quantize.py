@@ -41,7 +41,7 @@ from ..formats import E2M1_MAX, E4M3_MAX
 from ..nvfp4 import ONE_SIXTH
 from ..rounding import Rounding
 from ..schemes import NVFP4Config
-from .tl_formats import F32_MAX, decode_e4m3, div_ieee, encode_e2m1, encode_e2m1_rne_magic, encode_e4m3, random_bits, sr_args
+from .tl_formats import F32_MAX, decode_e2m1, decode_e4m3, div_ieee, encode_e2m1, encode_e2m1_rne_magic, encode_e4m3, random_bits, sr_args
 
 EXACT_OPTIONS = dict(enable_fp_fusion=False, enable_reflect_ftz=False)  # IEEE float32, as the reference
 ONE_SIXTH_F32 = float(ONE_SIXTH)  # fp32(1/6), exactly representable as a Python float
@@ -123,6 +123,7 @@ def _quantize_kernel(
     data_ptr,  # int32 view of the packed codes: (Rp, Cp / 8) words, two per 16-element block
     scales_ptr,
     tscale_ptr,
+    deq_ptr,  # DEQUANT: (Rp, Cp) bf16 e2m1(code) * e4m3(block scale), the operand of an emulated GEMM
     R,
     C,
     Rp,
@@ -139,6 +140,8 @@ def _quantize_kernel(
     BR: tl.constexpr,  # rows per program (16 for 16x16 blocks)
     NB: tl.constexpr,  # 16-column blocks per program
     SWIZZLE: tl.constexpr = False,  # 1x16 only: scales in Blackwell's SWIZZLE_32_4_4 order (``swizzle.py``)
+    PACKED: tl.constexpr = True,  # write the packed codes and the scales
+    DEQUANT: tl.constexpr = False,  # write the dequantized values (without the tensor scale) to deq_ptr
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -169,9 +172,16 @@ def _quantize_kernel(
     s_enc_b, scode = _block_scales(bmax, s_enc, s_dec, ONE_SIXTH_C, PRECISE_DIV)
     s_enc_b = s_enc_b[:, :, None]
 
-    w_lo = _pack8(_block_codes(x_lo, s_enc_b, rows, cols_lo, row_off, col_off, c_index, key, STOCHASTIC))  # (BR, NB)
-    w_hi = _pack8(_block_codes(x_hi, s_enc_b, rows, cols_hi, row_off, col_off, c_index, key, STOCHASTIC))
-    words = tl.join(w_lo, w_hi)  # (BR, NB, 2): one 8-byte store per block
+    c_lo = _block_codes(x_lo, s_enc_b, rows, cols_lo, row_off, col_off, c_index, key, STOCHASTIC)  # (BR, NB, 8)
+    c_hi = _block_codes(x_hi, s_enc_b, rows, cols_hi, row_off, col_off, c_index, key, STOCHASTIC)
+    if DEQUANT:  # 16-byte stores of 8 bf16 values per half-block
+        s_dec_b = decode_e4m3(scode)[:, :, None]
+        in_p = rows < Rp
+        tl.store(deq_ptr + rows * Cp + cols_lo, (decode_e2m1(c_lo) * s_dec_b).to(tl.bfloat16), mask=in_p & (cols_lo < Cp))
+        tl.store(deq_ptr + rows * Cp + cols_hi, (decode_e2m1(c_hi) * s_dec_b).to(tl.bfloat16), mask=in_p & (cols_hi < Cp))
+    if not PACKED:
+        return
+    words = tl.join(_pack8(c_lo), _pack8(c_hi))  # (BR, NB, 2): one 8-byte store per block
     wcols = b[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
     tl.store(data_ptr + rows * (Cp // 8) + wcols, words, mask=(rows < Rp) & (wcols < Cp // 8))
 
@@ -219,6 +229,34 @@ def quantize_nvfp4(
     """
     if swizzle and config.block != (1, 16):
         raise ValueError(f"swizzled scales are for 1x16 blocks (one scale per row and block), got {config.block}")
+    data, scales, tscale, _ = _launch(x, config, rounding, seed, amax, sr_index, tile, max_blocks, num_warps,
+                                      swizzle=swizzle, packed=True, dequant=False)  # fmt: skip
+    scales = scales.view(torch.float8_e4m3fn)
+    if swizzle:
+        return data.reshape(*x.shape[:-1], data.shape[-1]), scales, tscale
+    if config.block[0] == 1:
+        data = data.reshape(*x.shape[:-1], data.shape[-1])
+        scales = scales.reshape(*x.shape[:-1], scales.shape[-1])
+    return data, scales, tscale
+
+
+def quantize_nvfp4_dequantized(
+    x: torch.Tensor, config: NVFP4Config, rounding: Rounding, seed: int | None, amax, sr_index=None, *,
+    tile: int = 4096, max_blocks: int = 32, num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The operand an emulated NVFP4 GEMM multiplies, straight from ``x`` (..., C): (values (Rp, Cp) bf16,
+    tensor_scale float32 ()), values = e2m1(code) * e4m3(block scale) of ``quantize_nvfp4``'s codes and
+    scales (exact in BF16), zero-padded to whole blocks; ``values * tensor_scale`` is the dequantized
+    tensor. No packed codes are written: one pass instead of quantize, then dequantize.
+    """
+    _, _, tscale, values = _launch(x, config, rounding, seed, amax, sr_index, tile, max_blocks, num_warps,
+                                   swizzle=False, packed=False, dequant=True)  # fmt: skip
+    return values, tscale
+
+
+def _launch(x, config, rounding, seed, amax, sr_index, tile, max_blocks, num_warps, *, swizzle, packed, dequant):
+    """Run ``_quantize_kernel`` over ``x`` as an (R, C) matrix: (data (Rp, Cp/2) uint8, scale codes uint8,
+    tensor scale, dequantized values (Rp, Cp) bf16); outputs not asked for are None."""
     if config.four_over_six:
         raise NotImplementedError("four_over_six has no fused kernel (its error sums depend on reduction order)")
     interpret = not x.is_cuda
@@ -232,11 +270,15 @@ def quantize_nvfp4(
     else:
         amax_t = torch.as_tensor(amax, dtype=torch.float32, device=x.device).reshape(1).contiguous()
 
-    data = torch.empty((Rp, Cp // 2), dtype=torch.uint8, device=x.device)  # written as int32 words
-    if swizzle:  # padded to (round_up(rows, 128), round_up(blocks, 4)); the padding must read as zero scales
-        scales = torch.zeros(-(-Rp // 128) * 128 * (-(-(Cp // 16) // 4) * 4), dtype=torch.uint8, device=x.device)
-    else:
-        scales = torch.empty((Rp // br, Cp // bc), dtype=torch.uint8, device=x.device)
+    data = scales = values = None
+    if packed:
+        data = torch.empty((Rp, Cp // 2), dtype=torch.uint8, device=x.device)  # written as int32 words
+        if swizzle:  # padded to (round_up(rows, 128), round_up(blocks, 4)); the padding must read as zero scales
+            scales = torch.zeros(-(-Rp // 128) * 128 * (-(-(Cp // 16) // 4) * 4), dtype=torch.uint8, device=x.device)
+        else:
+            scales = torch.empty((Rp // br, Cp // bc), dtype=torch.uint8, device=x.device)
+    if dequant:
+        values = torch.empty((Rp, Cp), dtype=torch.bfloat16, device=x.device)
     tscale = torch.empty((), dtype=torch.float32, device=x.device)
     stochastic = rounding is Rounding.STOCHASTIC
     row_off, col_off, row_stride, key = sr_args(stochastic, seed, sr_index, C)
@@ -246,39 +288,15 @@ def quantize_nvfp4(
     BR = 16 if br == 16 else max(1, tile // (16 * NB))
     grid = (triton.cdiv(Rp, BR), triton.cdiv(Cp // 16, NB))
     options = {} if interpret else EXACT_OPTIONS
+    unused = tscale  # a pointer argument whose output is not asked for (its stores are compiled out)
     _quantize_kernel[grid](
-        xc,
-        amax_t,
-        data.view(torch.int32),
-        scales,
-        tscale,
-        R,
-        C,
-        Rp,
-        Cp,
-        row_off,
-        col_off,
-        row_stride,
-        key,
-        SCALE_BOUND=E2M1_MAX * E4M3_MAX,
-        ONE_SIXTH_C=ONE_SIXTH_F32,
-        BLOCK_ROWS=br,
-        STOCHASTIC=stochastic,
-        PRECISE_DIV=not interpret,
-        BR=BR,
-        NB=NB,
-        SWIZZLE=swizzle,
-        num_warps=num_warps,
-        **options,
-    )
-    scales = scales.view(torch.float8_e4m3fn)
-    if swizzle:
-        return data.reshape(*x.shape[:-1], Cp // 2), scales, tscale
-    lead = x.shape[:-1]
-    if br == 1:
-        data = data.reshape(*lead, Cp // 2)
-        scales = scales.reshape(*lead, Cp // bc)
-    return data, scales, tscale
+        xc, amax_t, unused if data is None else data.view(torch.int32), unused if scales is None else scales, tscale,
+        unused if values is None else values, R, C, Rp, Cp, row_off, col_off, row_stride, key,
+        SCALE_BOUND=E2M1_MAX * E4M3_MAX, ONE_SIXTH_C=ONE_SIXTH_F32, BLOCK_ROWS=br, STOCHASTIC=stochastic,
+        PRECISE_DIV=not interpret, BR=BR, NB=NB, SWIZZLE=swizzle, PACKED=packed, DEQUANT=dequant,
+        num_warps=num_warps, **options,
+    )  # fmt: skip
+    return data, scales, tscale, values
 
 
 # --- wgrad operands: transposed, zero-padded along tokens, optionally RHT'd, quantized: one kernel ---------
@@ -336,6 +354,7 @@ def _wgrad_quantize_kernel(
     data_ptr,  # int32 view of the packed codes of the (F, Mp) result: (F, Mp / 8) words
     scales_ptr,  # (F, Mp / 16)
     tscale_ptr,
+    deq_ptr,  # DEQUANT: (F, Mp) bf16 e2m1(code) * e4m3(block scale)
     M,
     F,
     Mp,
@@ -350,6 +369,8 @@ def _wgrad_quantize_kernel(
     PRECISE_DIV: tl.constexpr,
     BF: tl.constexpr,
     NB: tl.constexpr,
+    PACKED: tl.constexpr = True,
+    DEQUANT: tl.constexpr = False,
 ):
     y = _wgrad_tile(t_ptr, signs_ptr, M, F, BF, NB, HAS_RHT)  # (BF * NB, 16)
     s_enc, s_dec = _tensor_scales(amax_ptr, SCALE_BOUND, PRECISE_DIV)
@@ -364,11 +385,17 @@ def _wgrad_quantize_kernel(
     halves = tl.permute(tl.reshape(y, (BF * NB, 2, 8)), (0, 2, 1))
     y_lo, y_hi = tl.split(halves)  # (BF * NB, 8) each: tokens 0-7 and 8-15 of the block
     cols_lo = blk * 16 + tl.arange(0, 8)[None, :]
-    w_lo = _pack8(_block_codes(y_lo, s_enc_b[:, None], rows, cols_lo, row_off, col_off, c_index, key, STOCHASTIC))
-    w_hi = _pack8(_block_codes(y_hi, s_enc_b[:, None], rows, cols_lo + 8, row_off, col_off, c_index, key, STOCHASTIC))
-    words = tl.join(w_lo, w_hi)  # (BF * NB, 2)
-    wcols = blk * 2 + tl.arange(0, 2)[None, :]
+    c_lo = _block_codes(y_lo, s_enc_b[:, None], rows, cols_lo, row_off, col_off, c_index, key, STOCHASTIC)
+    c_hi = _block_codes(y_hi, s_enc_b[:, None], rows, cols_lo + 8, row_off, col_off, c_index, key, STOCHASTIC)
     ok = (rows < F) & (blk < Mp // 16)
+    if DEQUANT:
+        s_dec_b = decode_e4m3(scode)[:, None]
+        tl.store(deq_ptr + rows * Mp + cols_lo, (decode_e2m1(c_lo) * s_dec_b).to(tl.bfloat16), mask=ok)
+        tl.store(deq_ptr + rows * Mp + cols_lo + 8, (decode_e2m1(c_hi) * s_dec_b).to(tl.bfloat16), mask=ok)
+    if not PACKED:
+        return
+    words = tl.join(_pack8(c_lo), _pack8(c_hi))  # (BF * NB, 2)
+    wcols = blk * 2 + tl.arange(0, 2)[None, :]
     tl.store(data_ptr + rows * (Mp // 8) + wcols, words, mask=ok)
     tl.store(scales_ptr + rows * (Mp // 16) + blk, scode[:, None].to(tl.uint8), mask=ok)
 
@@ -385,12 +412,14 @@ def quantize_nvfp4_wgrad(
     bf: int = 32,
     nb: int = 4,
     num_warps: int = 4,
+    dequantized: bool = False,
 ):
     """NVFP4 (1x16) of ``rht(pad(t^T))`` for ``t`` (tokens, features): (data (F, Mp/2), scales (F, Mp/16), s_dec).
 
     Bit-exact with ``fourbit.quantize(rht(F.pad(t.T, (0, Mp - M))), config, pad=True, ...)``, Mp = M rounded
     up to 16; ``signs`` is the RHT's sign vector on t's device (float32, 16) or None for no transform.
-    ``amax`` (of the transformed tensor) skips the amax pass.
+    ``amax`` (of the transformed tensor) skips the amax pass. ``dequantized``: return (values (F, Mp)
+    bf16, s_dec) instead, as ``quantize_nvfp4_dequantized`` does, without writing the packed codes.
     """
     if config.block != (1, 16) or config.four_over_six:
         raise NotImplementedError("the wgrad kernel covers NVFP4 1x16 blocks without four-over-six")
@@ -405,16 +434,24 @@ def quantize_nvfp4_wgrad(
         amax_t = wgrad_amax(tc, signs, bf=bf, nb=nb, num_warps=num_warps)
     else:
         amax_t = torch.as_tensor(amax, dtype=torch.float32, device=t.device).reshape(1).contiguous()
-    data = torch.empty((F, Mp // 2), dtype=torch.uint8, device=t.device)
-    scales = torch.empty((F, Mp // 16), dtype=torch.uint8, device=t.device)
     tscale = torch.empty((), dtype=torch.float32, device=t.device)
+    if dequantized:
+        values = torch.empty((F, Mp), dtype=torch.bfloat16, device=t.device)
+        data = scales = tscale  # unused pointers: their stores are compiled out
+    else:
+        values = tscale
+        data = torch.empty((F, Mp // 2), dtype=torch.uint8, device=t.device)
+        scales = torch.empty((F, Mp // 16), dtype=torch.uint8, device=t.device)
     stochastic = rounding is Rounding.STOCHASTIC
     row_off, col_off, row_stride, key = sr_args(stochastic, seed, sr_index, Mp)
     _wgrad_quantize_kernel[grid](
-        tc, signs_t, amax_t, data.view(torch.int32), scales, tscale, M, F, Mp, row_off, col_off, row_stride, key,
-        SCALE_BOUND=E2M1_MAX * E4M3_MAX, ONE_SIXTH_C=ONE_SIXTH_F32, HAS_RHT=has_rht, STOCHASTIC=stochastic,
-        PRECISE_DIV=not interpret, BF=bf, NB=nb, num_warps=num_warps, **({} if interpret else EXACT_OPTIONS),
+        tc, signs_t, amax_t, data if dequantized else data.view(torch.int32), scales, tscale, values, M, F, Mp,
+        row_off, col_off, row_stride, key, SCALE_BOUND=E2M1_MAX * E4M3_MAX, ONE_SIXTH_C=ONE_SIXTH_F32,
+        HAS_RHT=has_rht, STOCHASTIC=stochastic, PRECISE_DIV=not interpret, BF=bf, NB=nb, PACKED=not dequantized,
+        DEQUANT=dequantized, num_warps=num_warps, **({} if interpret else EXACT_OPTIONS),
     )  # fmt: skip
+    if dequantized:
+        return values, tscale
     return data, scales.view(torch.float8_e4m3fn), tscale
 
 

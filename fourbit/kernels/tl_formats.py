@@ -27,6 +27,7 @@ HASH_MUL2 = tl.constexpr(0x846CA68B)
 TWO_POW_M24 = tl.constexpr(5.960464477539063e-08)  # 2^-24
 RNE_MAGIC = tl.constexpr(8388608.0)  # 2^23: (v + 2^23) - 2^23 rounds v half-to-even to an integer
 F32_MAX = tl.constexpr(3.4028234663852886e38)
+TWO_POW_126 = tl.constexpr(8.507059173023462e37)  # 2^126: float32 bits (m << 22) are e2m1(m) * 2^-126
 
 
 @triton.jit
@@ -173,3 +174,10 @@ def decode_e4m3(code):
     v = tl.where(ef == 0, sub, normal)
     v = tl.where(mag == 0x7F, tl.full(v.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True), v)
     return tl.where((code & 0x80) != 0, -v, v)
+
+
+@triton.jit
+def decode_e2m1(code):
+    """E2M1 code (int32, 0-15) -> float32, exact: the code's magnitude bits placed at float32's bits 22-24 and
+    its sign at bit 31 read as e2m1 * 2^-126 (a subnormal below 1, as E2M1's 0.5 is), times 2^126."""
+    return (((code & 7) << 22) | ((code & 8) << 28)).to(tl.float32, bitcast=True) * TWO_POW_126

@@ -133,6 +133,7 @@ def quantize_operand(
     seed: int | None = None,
     parallel: DataParallel | None = None,
     sr_index: ElementIndex | None = None,
+    dequantized: bool = False,
 ) -> QuantizedTensor | torch.Tensor:
     """Quantize a GEMM operand (rows, reduction) along its last dim per ``op``; unquantized if no scheme.
 
@@ -140,7 +141,8 @@ def quantize_operand(
     pads the reduction dim where it may not divide (the wgrad token dim); ``quantize`` zero-pads rows for
     2D blocks. Non-finite inputs propagate as NaN instead of raising, as they would through ``nn.Linear``.
     With ``parallel`` a per-tensor amax is all-reduced over the ranks; ``sr_index`` places the operand in
-    the global batch for stochastic rounding.
+    the global batch for stochastic rounding. ``dequantized`` (where ``_emulates`` allows it): the same
+    quantization as a ``fourbit.kernels.Dequantized`` operand, for ``kernels.dequantized_mm``.
     """
     if op.scheme is None:
         return t
@@ -148,6 +150,14 @@ def quantize_operand(
     if stochastic and seed is None:
         raise ValueError("quantize_operand: stochastic rounding needs a seed")
     amax = _global_amax(t, parallel) if parallel is not None and _has_tensor_scale(op) else None
+    if dequantized:
+        from .. import kernels
+
+        q = kernels.quantize_dequantized(t, op.scheme, rounding=op.rounding, seed=seed if stochastic else None,
+                                         amax=amax, sr_index=sr_index if stochastic else None)  # fmt: skip
+        if q is None:
+            raise RuntimeError(f"no dequantized-operand kernel for {op.scheme.name} on {t.device} {t.dtype}")
+        return q
     return quantize(
         t,
         op.scheme,
@@ -170,18 +180,48 @@ def _shares_weight(recipe: Recipe) -> bool:
 
 
 def quantize_weight(
-    w: torch.Tensor, recipe: Recipe, *, layer_id: int = 0, step: int = 0, dgrad: bool = True
+    w: torch.Tensor, recipe: Recipe, *, layer_id: int = 0, step: int = 0, dgrad: bool = True, dequantized: bool = False
 ) -> tuple[QuantizedTensor | torch.Tensor, QuantizedTensor | torch.Tensor | None]:
     """(W as fprop's B operand (N, K), W^T as dgrad's B operand (K, N) or None if ``dgrad`` is False)."""
     def seed(role):
         return derive_seed(recipe.seed, layer_id, step, role)
 
-    w_f = quantize_operand(w, recipe.fprop.b, seed=seed(Role.FPROP_W))
+    w_f = quantize_operand(w, recipe.fprop.b, seed=seed(Role.FPROP_W), dequantized=dequantized)
     if not dgrad:
         return w_f, None
     if _shares_weight(recipe):
-        return w_f, transpose(w_f)
-    return w_f, quantize_operand(w.T, recipe.dgrad.b, seed=seed(Role.DGRAD_W))
+        return w_f, w_f.t() if dequantized else transpose(w_f)
+    return w_f, quantize_operand(w.T, recipe.dgrad.b, seed=seed(Role.DGRAD_W), dequantized=dequantized)
+
+
+def _emulates(recipe: Recipe, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the three GEMMs run on ``fourbit.kernels.Dequantized`` operands: each operand quantized by one
+    kernel straight to the BF16 values the emulated NVFP4 GEMM multiplies (no packed codes, no dequantize
+    pass, W^T a view of fprop's W for 16x16 blocks), the same numbers as quantize, dequantize, GEMM.
+    Needs CUDA and triton, every operand NVFP4 (wgrad's 1x16), float32 accumulation, and each GEMM's
+    reduction dim (K, N, tokens padded to 16) a multiple of the BF16 GEMM's K step."""
+    from .. import kernels
+
+    if recipe.accumulation is not None or not kernels.dequantized_applies(x, recipe.fprop.a.scheme):
+        return False
+    ops = [op for g in (recipe.fprop, recipe.dgrad, recipe.wgrad) for op in (g.a, g.b)]
+    if not all(isinstance(op.scheme, NVFP4Config) and not op.scheme.four_over_six for op in ops):
+        return False
+    if recipe.wgrad.a.scheme.block != (1, 16) or recipe.wgrad.b.scheme.block != (1, 16):
+        return False
+    from ..kernels.dequant_gemm import K_ALIGN
+
+    M, K = x.shape
+    return all(d % K_ALIGN == 0 for d in (K, weight.shape[0], M + (-M) % RHT_SIZE))
+
+
+def _mm(a, b, recipe: Recipe, out_dtype: torch.dtype) -> torch.Tensor:
+    """``A @ B^T`` of two operands from ``quantize_operand``: ``Dequantized`` ones on the BF16 GEMM, else ``qmm``."""
+    from .. import kernels
+
+    if isinstance(a, kernels.Dequantized):
+        return kernels.dequantized_mm(a, b, out_dtype=out_dtype)  # _emulates checked that K suits it
+    return qmm(a, b, accumulation=recipe.accumulation, out_dtype=out_dtype)
 
 
 def token_multiple(recipe: Recipe) -> int:
@@ -218,13 +258,15 @@ class _QuantLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, recipe: Recipe, layer_id: int, step: int, parallel, out_dtype: torch.dtype):
         # x (M, K), weight (N, K) -> y (M, N) in out_dtype; M is this rank's share of the tokens
         seed_x = derive_seed(recipe.seed, layer_id, step, Role.FPROP_X)
-        qx = quantize_operand(x, recipe.fprop.a, seed=seed_x, parallel=parallel, sr_index=_rows_index(x, parallel))
+        fast = _emulates(recipe, x, weight)
+        qx = quantize_operand(x, recipe.fprop.a, seed=seed_x, parallel=parallel, sr_index=_rows_index(x, parallel),
+                              dequantized=fast)  # fmt: skip
         share = _shares_weight(recipe) and ctx.needs_input_grad[0]
-        qw, qw_t = quantize_weight(weight, recipe, layer_id=layer_id, step=step, dgrad=share)
-        y = qmm(qx, qw, accumulation=recipe.accumulation, out_dtype=out_dtype)  # (M, N)
+        qw, qw_t = quantize_weight(weight, recipe, layer_id=layer_id, step=step, dgrad=share, dequantized=fast)
+        y = _mm(qx, qw, recipe, out_dtype)  # (M, N)
         ctx.save_for_backward(x, weight)
         ctx.qw_t = qw_t  # dgrad's W^T when shared with fprop, else quantized in backward
-        ctx.recipe, ctx.layer_id, ctx.step, ctx.parallel = recipe, layer_id, step, parallel
+        ctx.recipe, ctx.layer_id, ctx.step, ctx.parallel, ctx.fast = recipe, layer_id, step, parallel, fast
         return y
 
     @staticmethod
@@ -239,15 +281,16 @@ class _QuantLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # Dgrad: dx (M, K) = dy (M, N) @ W (N, K), reduction over N
             qdy = quantize_operand(
-                dy, recipe.dgrad.a, seed=seed(Role.DGRAD_DY), parallel=parallel, sr_index=_rows_index(dy, parallel)
-            )
+                dy, recipe.dgrad.a, seed=seed(Role.DGRAD_DY), parallel=parallel, sr_index=_rows_index(dy, parallel),
+                dequantized=ctx.fast,
+            )  # fmt: skip
             qw_t = ctx.qw_t
             if qw_t is None:
-                qw_t = quantize_operand(weight.T, recipe.dgrad.b, seed=seed(Role.DGRAD_W))  # (K, N)
-            dx = qmm(qdy, qw_t, accumulation=recipe.accumulation, out_dtype=x.dtype)
+                qw_t = quantize_operand(weight.T, recipe.dgrad.b, seed=seed(Role.DGRAD_W), dequantized=ctx.fast)  # (K, N)
+            dx = _mm(qdy, qw_t, recipe, x.dtype)
         if ctx.needs_input_grad[1]:
             # Wgrad: dW (N, K) = dy^T (N, M') @ x (M', K), reduction over tokens
-            fused = _fused_wgrad_operands(dy, x, recipe, seed, parallel)
+            fused = _fused_wgrad_operands(dy, x, recipe, seed, parallel, dequantized=ctx.fast)
             if fused is not None:
                 qa, qb = fused
             else:
@@ -255,15 +298,16 @@ class _QuantLinearFunction(torch.autograd.Function):
                 index = _tokens_index(a.shape[1], parallel)
                 qa = quantize_operand(a, recipe.wgrad.a, seed=seed(Role.WGRAD_DY), parallel=parallel, sr_index=index)
                 qb = quantize_operand(b, recipe.wgrad.b, seed=seed(Role.WGRAD_X), parallel=parallel, sr_index=index)
-            dw = qmm(qa, qb, accumulation=recipe.accumulation, out_dtype=weight.dtype)
+            dw = _mm(qa, qb, recipe, weight.dtype)
         ctx.qw_t = None
         return dx, dw, None, None, None, None, None
 
 
-def _fused_wgrad_operands(dy, x, recipe: Recipe, seed, parallel: DataParallel | None):
+def _fused_wgrad_operands(dy, x, recipe: Recipe, seed, parallel: DataParallel | None, dequantized: bool = False):
     """(Q(dy^T), Q(x^T)) from one fused kernel each (``fourbit.kernels.quantize_wgrad``: transpose, token
     padding, RHT and quantization, bit-exact with ``wgrad_inputs`` + ``quantize_operand``), or None where
-    that kernel does not cover the recipe's wgrad operands (then the caller takes the reference chain)."""
+    that kernel does not cover the recipe's wgrad operands (then the caller takes the reference chain).
+    ``dequantized``: as ``fourbit.kernels.Dequantized`` operands."""
     from .. import kernels
 
     ops = (recipe.wgrad.a, recipe.wgrad.b)
@@ -282,7 +326,7 @@ def _fused_wgrad_operands(dy, x, recipe: Recipe, seed, parallel: DataParallel | 
         stochastic = op.rounding is Rounding.STOCHASTIC
         q = kernels.quantize_wgrad(
             t, op.scheme, rounding=op.rounding, seed=seed(role) if stochastic else None, transform=transform,
-            amax=amax, sr_index=index if stochastic else None,
+            amax=amax, sr_index=index if stochastic else None, dequantized=dequantized,
         )  # fmt: skip
         if q is None:
             return None
