@@ -65,7 +65,8 @@ def edge_input(kind: str, shape, dtype, gen: torch.Generator) -> torch.Tensor:
         x = x * torch.exp2(torch.randint(-3, 4, (R, 1), generator=gen).float())
     elif kind == "mixed_scale":
         # block amaxes spread over 40 binades: E4M3 scales saturate, underflow and go subnormal
-        x = torch.randn(R, C, generator=gen) * torch.exp2(torch.randint(-30, 10, (R, C // 16), generator=gen).float()).repeat_interleave(16, 1)
+        binades = torch.randint(-30, 10, (R, -(-C // 16)), generator=gen).float()  # one per 16 columns, last cut
+        x = torch.randn(R, C, generator=gen) * torch.exp2(binades).repeat_interleave(16, 1)[:, :C]
     else:
         raise ValueError(kind)
     return x.to(dtype)
