@@ -8,12 +8,17 @@ that step (mean, std and per-seed values, gap to BF16 paired by seed), and ``OUT
 
     PYTHONPATH=. python benchmarks/merge_evidence.py --roots /tmp/a/small /tmp/b/small --out docs/evidence/small \\
         --recipes bf16,fp8,fp8-blockwise,mxfp4,nvfp4 --seeds 3 --steps 400,600
+
+``--previous OLD/summary.md`` fills in the per-seed values of runs that are not under any root from the
+tables of an earlier summary (for runs whose metrics were not kept); a new run replaces its (recipe, seed)
+at every step. The plot then shows only the runs whose curves are at hand, so it is not redrawn.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -40,6 +45,20 @@ def merge(roots: list[Path], out: Path, recipes: list[str], seeds: int) -> dict[
                 shutil.copy(best / name, dst / name)
             found[(r, s)] = _vals(dst)
     return found
+
+
+def previous_values(summary: Path) -> dict[str, dict[tuple[str, int], dict[int, float]]]:
+    """Per-seed values in the tables of an earlier ``summary.md``: {"val"|"train": {(recipe, seed): {step: loss}}}."""
+    out: dict[str, dict] = {"val": {}, "train": {}}
+    what, step = None, None
+    for line in summary.read_text().splitlines():
+        if m := re.match(r"### (Validation|Training) loss.* at step (\d+)", line):
+            what, step = ("val" if m[1] == "Validation" else "train"), int(m[2])
+        elif what and line.startswith("| ") and not line.startswith(("| recipe", "|---")):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            for s, v in re.findall(r"s(\d+) ([0-9.]+)", cells[2]):
+                out[what].setdefault((cells[0], int(s)), {})[step] = float(v)
+    return out
 
 
 def table(found, recipes: list[str], seeds: int, step: int, what: str = "val") -> list[str]:
@@ -71,19 +90,28 @@ def main() -> None:
     p.add_argument("--steps", default="600")
     p.add_argument("--train-steps", default="", help="also tabulate the training loss at these steps")
     p.add_argument("--title", default="")
+    p.add_argument("--previous", type=Path, help="an earlier summary.md: per-seed values of runs not under --roots")
     args = p.parse_args()
     recipes = args.recipes.split(",")
     found = merge(args.roots, args.out, recipes, args.seeds)
-    meta = json.loads((run_dir(args.out / "runs", BASELINE, 0) / "run.json").read_text())
+    old = previous_values(args.previous) if args.previous else {"val": {}, "train": {}}
+    kept = {k for k in old["val"] if k not in found}  # runs known only from the earlier tables
+    found.update({k: old["val"][k] for k in kept})
+    meta_dir = next(run_dir(args.out / "runs", *k) for k in sorted(found, key=lambda k: (k[0] != BASELINE, k)) if k not in kept)
+    meta = json.loads((meta_dir / "run.json").read_text())
     lines = [f"# {args.title or 'Evidence runs'}", "",
              f"Preset `{meta['config']['preset']}` ({meta['params'] / 1e6:.2f}M params), {meta['config']['steps']} steps x "
              f"{meta['tokens_per_step']} tokens, device {meta['device']}, torch {meta['torch']}; runs merged from "
-             f"{len(args.roots)} session(s) by `benchmarks/merge_evidence.py`. Loss: mean next-token cross-entropy "
+             f"{len(args.roots) + bool(args.previous)} session(s) by `benchmarks/merge_evidence.py`. Loss: mean next-token cross-entropy "
              "(nats/token) on held-out plays.", ""]  # fmt: skip
+    if kept:
+        lines += [f"Runs under `runs/`: {', '.join(f'{r} s{s}' for r, s in sorted(set(found) - kept))}. The values of the "
+                  f"other {len(kept)} runs are their per-seed values (4 decimals) in the earlier summary (`--previous`), "
+                  "whose metrics files were not kept; `loss.png` is that summary's plot.", ""]  # fmt: skip
     for step in (int(s) for s in args.steps.split(",")):
         lines += table(found, recipes, args.seeds, step)
     if args.train_steps:
-        train = {k: _vals(run_dir(args.out / "runs", *k), "train_loss") for k in found}
+        train = {k: old["train"].get(k, {}) if k in kept else _vals(run_dir(args.out / "runs", *k), "train_loss") for k in found}
         for step in (int(s) for s in args.train_steps.split(",")):
             lines += table(train, recipes, args.seeds, step, what="train")
     (args.out / "summary.md").write_text("\n".join(lines))
@@ -93,10 +121,13 @@ def main() -> None:
             for r in complete]  # fmt: skip
     summary = {"seeds": args.seeds, "recipes": complete, "rows": rows, "config": meta["config"], "info": {"steps": last},
                **{k: meta[k] for k in ("model", "params", "tokens_per_step", "device", "torch", "val_works")}}  # fmt: skip
-    try:
-        plot(args.out / "runs", summary, args.out / "loss.png")
-    except Exception as e:  # the tables are the record; a plot that cannot be drawn is reported
-        print(f"no plot: {type(e).__name__}: {e}")
+    if kept:
+        print(f"not redrawing {args.out / 'loss.png'}: {len(kept)} runs have no curves here")
+    else:
+        try:
+            plot(args.out / "runs", summary, args.out / "loss.png")
+        except Exception as e:  # the tables are the record; a plot that cannot be drawn is reported
+            print(f"no plot: {type(e).__name__}: {e}")
     print("\n".join(lines))
 
 

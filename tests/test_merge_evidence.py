@@ -73,3 +73,30 @@ def _no_plot(monkeypatch):
     import fourbit.harness.compare as hc
 
     monkeypatch.setattr(hc, "plot", lambda *a, **k: None)
+
+
+def test_previous_summary_fills_missing_runs_and_new_runs_replace_theirs(tmp_path, monkeypatch):
+    """``--previous``: runs whose metrics are gone come back from an earlier summary's per-seed values; a run
+    found under a root replaces its (recipe, seed) at every step, val and train alike."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(a, "bf16", 0, {10: 5.0, 20: 4.0})
+    _run(a, "bf16", 1, {10: 5.2, 20: 4.4})
+    _run(a, "nvfp4", 0, {10: 5.1, 20: 4.2})
+    _run(a, "nvfp4", 1, {10: 5.3})  # cut at step 10
+    argv = ["merge_evidence", "--recipes", "bf16,nvfp4", "--seeds", "2", "--steps", "10,20", "--train-steps", "20"]
+    monkeypatch.setattr(sys, "argv", argv + ["--roots", str(a), "--out", str(tmp_path / "old")])
+    _merge_module().main()
+    _run(b, "nvfp4", 1, {10: 5.25, 20: 4.3}, train=2.0)  # seed 1 redone in a later session
+    monkeypatch.setattr(sys, "argv", argv + ["--roots", str(b), "--out", str(tmp_path / "new"),
+                                             "--previous", str(tmp_path / "old" / "summary.md")])  # fmt: skip
+    _merge_module().main()
+    md = (tmp_path / "new" / "summary.md").read_text()
+    step10, step20, train20 = md.split("### ")[1:4]
+    assert "| nvfp4 | 5.1750 ± " in step10 and "s0 5.1000, s1 5.2500" in step10  # new seed 1 replaced 5.3
+    assert "| nvfp4 | 4.2500 ± " in step20 and "(2 seeds)" in step20.split("| nvfp4")[1]
+    gap20 = 100 * ((4.2 - 4.0) / 4.0 + (4.3 - 4.4) / 4.4) / 2
+    assert f"{gap20:+.2f}%" in step20
+    assert "| bf16 | 4.2000 ± " in step20  # both bf16 seeds only from the earlier tables
+    assert "s0 3.0200, s1 2.0200" in train20  # train: earlier value for seed 0, the new run's for seed 1
+    assert "The values of the other 3 runs" in md
+    assert not run_dir(tmp_path / "new" / "runs", "bf16", 0).exists()
