@@ -25,6 +25,7 @@ exactly once, in ``round_to_integer``.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -112,7 +113,7 @@ class FloatFormat:
         return None
 
     # --- range --------------------------------------------------------------------------------------
-    @property
+    @functools.cached_property  # decoded once per format (kernel launchers read it on every call)
     def max(self) -> float:
         return float(self.decode(torch.tensor([self.max_code], dtype=torch.uint8))[0])
 
@@ -270,9 +271,9 @@ def _encode_e8m0(x: torch.Tensor) -> torch.Tensor:
     bits = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     biased = (bits >> 23) & 0xFF
     mant = bits & 0x7FFFFF
-    # a normal float rounds up when its mantissa is at least one half; a float32 subnormal (m * 2^-149)
-    # gives code 0 (2^-127) up to 2^-127 itself and code 1 (2^-126) above it, as ml_dtypes does
-    code = torch.where(biased == 0, (mant > 0x400000).to(torch.int64), biased + (mant >= 0x400000).to(torch.int64))
+    # a normal float rounds up when its mantissa is at least one half; a float32 subnormal m * 2^-149 lies
+    # below 2^-126, so it is code 0 (2^-127) up to the midpoint 1.5 * 2^-127 (m = 0x600000) and code 1 from there
+    code = torch.where(biased == 0, (mant >= 0x600000).to(torch.int64), biased + (mant >= 0x400000).to(torch.int64))
     bad = ~(x > 0) | torch.isinf(x)
     code = torch.where(bad | (code > 0xFE), 0xFF, code)
     return code.to(torch.uint8)

@@ -19,6 +19,8 @@ unsupported and a malformed one can crash the process. (Not run here: no sm100 G
 
 from __future__ import annotations
 
+import functools
+
 import warnings
 
 import torch
@@ -36,7 +38,12 @@ def _fp8_dtype(q) -> torch.dtype:
 
 
 def _capability(t: torch.Tensor) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(t.device)
+    return _device_capability(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def _round_up(n: int, m: int) -> int:
