@@ -1,5 +1,9 @@
 """The fused wgrad-operand kernel (transpose + token padding + RHT + SR + NVFP4 quantize) against a device copy.
 
+Also the dual kernel (``kernels.quantize_dual``: the rowwise operand and the wgrad operand of one tensor from
+one amax pass and one quantize pass) against the two separate kernels it replaces, dequantized outputs as
+QuantLinear takes them; its bytes count both outputs.
+
 Effective bandwidth = (input bytes read once + packed codes and scales written) / time, as for the quantize
 benchmark; the baseline is a device-to-device copy measured in the same run. Also the reference chain it
 replaces (``wgrad_inputs`` + ``fourbit.quantize``: transposed copy, pad, RHT in PyTorch, quantize kernel).
@@ -55,6 +59,19 @@ def main() -> None:
         for name, fn in cases.items():
             ms = median_ms(fn)
             gbs = nbytes / ms / 1e6
+            lines.append(f"| {M}x{Fd} {name} | {ms:.4f} | {gbs:.0f} | {gbs / copy_gbs:.2f} |")
+        row, col = K.DualOperand("nearest"), K.DualOperand("stochastic", 1)
+        dual_bytes = M * Fd * 2 + 2 * (M * Fd * 2)  # read once, two bf16 outputs
+        dual_cases = {
+            "dual: rowwise RNE + wgrad RHT + SR, dequantized, amax measured": lambda: K.quantize_dual(
+                t, cfg, row, col, transform=transform, dequantized=True),
+            "separate: quantize_dequantized + quantize_wgrad(dequantized=True)": lambda: (
+                K.quantize_dequantized(t, cfg, rounding="nearest"),
+                K.quantize_wgrad(t, cfg, rounding="stochastic", seed=1, transform=transform, dequantized=True)),
+        }  # fmt: skip
+        for name, fn in dual_cases.items():
+            ms = median_ms(fn)
+            gbs = dual_bytes / ms / 1e6
             lines.append(f"| {M}x{Fd} {name} | {ms:.4f} | {gbs:.0f} | {gbs / copy_gbs:.2f} |")
         del t
     emit(lines, args.out)

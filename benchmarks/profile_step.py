@@ -6,7 +6,9 @@ over ``--steps`` steps after warm-up, its ratio to the BF16 step measured in the
 plus the host time of ``fourbit.quantize`` per call. Also: the host-side cost of one ``fourbit.quantize``
 call (Python dispatch and launches) against the kernel's own time.
 
-    PYTHONPATH=. python benchmarks/profile_step.py [--recipes bf16 nvfp4 fp8 mxfp4] [--out DIR]
+    PYTHONPATH=. python benchmarks/profile_step.py [--recipes bf16 nvfp4 fp8 mxfp4] [--batch 32] [--out DIR]
+
+A recipe written ``nvfp4:dual`` runs with ``fourbit.kernels.DUAL_OPERANDS`` on (``kernels.quantize_dual``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 import fourbit
+import fourbit.kernels
 from fourbit.harness.model import get_preset
 from fourbit.harness.train import build_model, make_optimizer, resolve_recipe, train_config, train_step
 
@@ -151,8 +154,12 @@ def main() -> None:
     base = None
     tables = []
     for name in args.recipes:
+        # "<recipe>:dual": the same recipe with fourbit.kernels.DUAL_OPERANDS on (x's and dy's two operands
+        # each from one quantize_dual call)
+        recipe, _, mode = name.partition(":")
+        fourbit.kernels.DUAL_OPERANDS = mode == "dual"
         try:
-            times, prof = step_times(name, args.steps, args.batch)
+            times, prof = step_times(recipe, args.steps, args.batch)
         except Exception as e:  # report and go on with the other recipes
             lines.append(f"| {name} | failed: {type(e).__name__}: {str(e)[:120]} | | |")
             continue

@@ -231,6 +231,56 @@ def test_wgrad_kernel_dequantized_bit_exact(shape, rht_on):
 
 
 @gpu
+@pytest.mark.parametrize("rht_on", [True, False], ids=["rht", "no-rht"])
+@pytest.mark.parametrize("shape", [(1000, 768), (4096, 272), (16384, 768)], ids=["pad-tokens", "odd-features", "preset"])
+def test_dual_kernel_bit_exact(shape, rht_on):
+    """``quantize_dual`` = ``quantize`` (rowwise) and ``quantize_wgrad`` (columnwise) bit for bit, packed and
+    dequantized, with a NaN poisoning one block on each side and a given amax pair."""
+    from fourbit.hadamard import RHT
+    from fourbit.schemes import NVFP4Config
+
+    t = (torch.randn(shape, generator=_gen(23)) * 5).bfloat16().cuda()
+    t[3, 40] = float("nan")
+    cfg, tr = NVFP4Config(), RHT(16, 99) if rht_on else None
+    row, col = K.DualOperand("nearest"), K.DualOperand("stochastic", 7)
+    want_r = fourbit.quantize(t, cfg, check_finite=False, backend="triton")
+    want_c = K.quantize_wgrad(t, cfg, rounding="stochastic", seed=7, transform=tr)
+    for amax in (None, K.dual_amax(t, cfg, tr)):
+        r, c = K.quantize_dual(t, cfg, row, col, transform=tr, amax=amax)
+        assert_same_bytes(r, want_r)
+        assert_same_bytes(c, want_c)
+    dr, dc = K.quantize_dual(t, cfg, row, col, transform=tr, dequantized=True)
+    assert torch.equal(dr.values.view(torch.int16), K.quantize_dequantized(t, cfg, rounding="nearest").values.view(torch.int16))
+    assert torch.equal(dc.values.view(torch.int16), K.quantize_wgrad(t, cfg, rounding="stochastic", seed=7, transform=tr,
+                                                                     dequantized=True).values.view(torch.int16))  # fmt: skip
+
+
+@gpu
+@pytest.mark.parametrize("recipe", ["nvfp4", "nvfp4-no-rht"])
+def test_quantlinear_dual_operands_match_separate_kernels(recipe, monkeypatch):
+    """``kernels.DUAL_OPERANDS`` on: y, dx and dW bit for bit those of the separate kernels (bf16 autocast)."""
+    from fourbit.nn import QuantLinear
+
+    lin = QuantLinear(768, 2304, bias=False, recipe=recipe).cuda()
+    x = torch.randn(4032, 768, generator=_gen(24)).cuda()  # tokens a multiple of K_ALIGN: the fast path
+    dy = torch.randn(4032, 2304, generator=_gen(25)).cuda().bfloat16()
+    outs, calls = [], []
+    real = K.quantize_dual
+    monkeypatch.setattr(K, "quantize_dual", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for dual in (True, False):
+        monkeypatch.setattr(K, "DUAL_OPERANDS", dual)
+        lin.step, lin.weight.grad = 0, None
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = lin(xi)
+        y.backward(dy)
+        outs.append((y.detach(), xi.grad, lin.weight.grad.clone()))
+    assert len(calls) == 2
+    for got, want in zip(*outs):
+        assert torch.equal(got, want)
+
+
+@gpu
 @pytest.mark.parametrize("recipe", ["nvfp4", "nvfp4-no-2d", "nvfp4-none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_quantlinear_dequantized_path_matches_packed_path(recipe, dtype, monkeypatch):

@@ -50,7 +50,7 @@ if INTERPRET:
         for _name, _obj in list(vars(_mod).items()):
             if isinstance(_obj, JITFunction):
                 setattr(_mod, _name, _interp.InterpretedFunction(_obj.fn))
-    for _name in ("tl_formats", "tiling", "nvfp4_quantize", "nvfp4_gemm", "dequant_gemm", "fp4_transpose", "mx_quantize", "fp8_quantize"):
+    for _name in ("tl_formats", "tiling", "nvfp4_quantize", "nvfp4_dual", "nvfp4_gemm", "dequant_gemm", "fp4_transpose", "mx_quantize", "fp8_quantize"):
         if f"fourbit.kernels.{_name}" in sys.modules:
             importlib.reload(sys.modules[f"fourbit.kernels.{_name}"])
 
@@ -512,3 +512,113 @@ def test_quantlinear_dequantized_path_equals_quantize_then_gemm(recipe, tokens, 
     assert used == [True], "the dequantized path was not taken"
     for got, want in zip(*outs):
         torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6 * float(want.abs().max()))
+
+
+DUAL_CASES = [  # (tokens, features), dtype, RHT, row rounding, column rounding, ElementIndex (rows, columns), tile
+    ((48, 64), torch.float32, True, "nearest", "stochastic", None, (32, 32)),
+    ((40, 96), torch.bfloat16, True, "stochastic", "stochastic", None, (32, 64)),  # tokens padded 40 -> 48
+    ((72, 48), torch.float16, False, "nearest", "nearest", None, (16, 32)),  # neither side a tile multiple
+    ((32, 32), torch.float32, True, "stochastic", "stochastic",
+     (ElementIndex(row_offset=96), ElementIndex(col_offset=32, row_stride=128)), (16, 16)),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,use_rht,row_r,col_r,index,tile", DUAL_CASES, ids=["rht-rne-sr", "rht-sr-pad", "rne-odd", "sr-index"])
+def test_dual_kernel_matches_rowwise_and_wgrad_references(shape, dtype, use_rht, row_r, col_r, index, tile):
+    """``quantize_nvfp4_dual``: its rowwise output = the reference ``quantize(t)`` and its columnwise output =
+    the reference chain of wgrad (transpose, zero-pad tokens to 16, RHT, quantize 1x16), bytes and tensor-scale
+    bits, from one amax pass and one quantize pass; the dequantized outputs = codes times scales; a given amax
+    pair gives the same bytes as the measured one; a NaN poisons only its own block on each side."""
+    import torch.nn.functional as F
+
+    from fourbit.hadamard import RHT, random_signs, rht
+    from fourbit.kernels.nvfp4_dual import dual_amax, quantize_nvfp4_dual
+    from fourbit.quantize import QuantizedTensor
+
+    t = (torch.randn(shape, generator=torch.Generator().manual_seed(shape[1])) * 3).to(dtype)
+    t[5, 17] = float("nan")
+    M, Fe = shape
+    row_index, col_index = index or (None, None)
+    rk = dict(rounding=row_r, seed=21 if row_r == "stochastic" else None, sr_index=row_index)
+    ck = dict(rounding=col_r, seed=22 if col_r == "stochastic" else None, sr_index=col_index)
+    want_row = fourbit.quantize(t, "nvfp4", pad=True, check_finite=False, backend="reference", **rk)
+    a = F.pad(t.T, (0, (-M) % 16))
+    a = rht(a, -1, transform=RHT(16, 5)) if use_rht else a
+    want_col = fourbit.quantize(a, "nvfp4", pad=True, check_finite=False, backend="reference", **ck)
+
+    signs = random_signs(5, 16).float() if use_rht else None
+    row = (Rounding.parse(row_r), rk["seed"], row_index)
+    col = (Rounding.parse(col_r), ck["seed"], col_index)
+    config = NVFP4Config()
+    for amax in (None, dual_amax(t, signs, bm=tile[0], bf=tile[1])):
+        r, c = quantize_nvfp4_dual(t, row, col, signs, amax, bm=tile[0], bf=tile[1])
+        assert_same_bytes(QuantizedTensor(*r, config, t.shape, t.dtype), want_row)
+        assert_same_bytes(QuantizedTensor(*c, config, a.shape, a.dtype), want_col)
+    (rv, rts), (cv, cts) = quantize_nvfp4_dual(t, row, col, signs, dequantized=True, bm=tile[0], bf=tile[1])
+    torch.testing.assert_close(rv.double(), block_values(want_row), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(cv.double(), block_values(want_col), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(rts.view(torch.int32), want_row.tensor_scale.view(torch.int32))
+    assert torch.equal(cts.view(torch.int32), want_col.tensor_scale.view(torch.int32))
+    assert int(torch.isnan(rv).sum()) == 16 and int(torch.isnan(cv).sum()) == 16  # one block each
+
+
+def test_dual_api_checks_and_declines():
+    """``kernels.quantize_dual`` declines what it does not cover (CPU tensors here: no kernel is claimed) and
+    ``nvfp4_dual`` rejects features that are not a multiple of 16."""
+    import fourbit.kernels as K
+    from fourbit.kernels.nvfp4_dual import quantize_nvfp4_dual
+
+    op = K.DualOperand(Rounding.NEAREST)
+    assert K.quantize_dual(torch.randn(32, 64), NVFP4Config(), op, op) is None  # not CUDA
+    assert K.dual_amax(torch.randn(32, 64), NVFP4Config()) is None
+    with pytest.raises(ValueError, match="multiple of 16"):
+        quantize_nvfp4_dual(torch.randn(32, 40), (Rounding.NEAREST, None, None), (Rounding.NEAREST, None, None), None)
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4", "nvfp4-no-rht"])
+@pytest.mark.parametrize("rank", [None, 1], ids=["one-process", "rank1-of-2"])
+def test_quantlinear_dual_operands_equal_separate_kernels(recipe, rank, monkeypatch, tmp_path):
+    """With ``kernels.DUAL_OPERANDS`` QuantLinear takes x's fprop and wgrad operands, and dy's dgrad and wgrad
+    operands, from ``quantize_dual`` (and keeps Q(x^T) instead of x for backward); y, dx and dW equal those of
+    the separate kernels bit for bit (the same operand values go into the same GEMMs), also as rank 1 of 2
+    data-parallel ranks (global SR indices, all-reduced amaxes; a 1-process gloo group stands in)."""
+    import torch.distributed as dist
+
+    import fourbit.kernels as K
+    import fourbit.nn.linear as L
+    from fourbit.nn import QuantLinear
+    from fourbit.nn.linear import DataParallel
+
+    def on_cpu(x, config):  # the dispatch rules without their CUDA condition
+        return x.numel() > 0 and isinstance(config, NVFP4Config) and not config.four_over_six
+
+    monkeypatch.setattr(K, "dequantized_applies", on_cpu)
+    monkeypatch.setattr(K, "_wgrad_kernel_applies", lambda t, c, tr: t.dim() == 2 and on_cpu(t, c) and c.block == (1, 16))
+    real, calls = K.quantize_dual, []
+    monkeypatch.setattr(K, "quantize_dual", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    real_emulates, fast = L._emulates, []
+    monkeypatch.setattr(L, "_emulates", lambda *a: fast.append(real_emulates(*a)) or fast[-1])
+    parallel = None
+    if rank is not None:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+        parallel = DataParallel(dist.group.WORLD, rank, 2)
+    try:
+        lin = QuantLinear(128, 64, bias=False, recipe=recipe)
+        lin.parallel = parallel
+        x = torch.randn(56, 128, generator=torch.Generator().manual_seed(3)) * 2  # 56 tokens: padded to 64
+        dy = torch.randn(56, 64, generator=torch.Generator().manual_seed(4))
+        outs = []
+        for dual in (True, False):
+            monkeypatch.setattr(K, "DUAL_OPERANDS", dual)
+            lin.step, lin.weight.grad = 0, None
+            xi = x.clone().requires_grad_()
+            y = lin(xi)
+            y.backward(dy)
+            outs.append((y.detach(), xi.grad, lin.weight.grad.clone()))
+        assert fast == [True, True], "the dequantized path was not taken"
+        assert calls == [(56, 128), (56, 64)], "quantize_dual was not used for x and dy"
+        for got, want in zip(*outs):
+            assert torch.equal(got, want)
+    finally:
+        if rank is not None:
+            dist.destroy_process_group()

@@ -23,6 +23,11 @@ numbers as quantize, dequantize, GEMM, with two fewer passes per operand.
 untransposed (tokens, features) tensor in one kernel (``wgrad_amax`` is its amax pass alone, for an
 all-reduce between data-parallel ranks); ``QuantLinear`` uses it for NVFP4 wgrad operands on CUDA.
 
+``quantize_dual(t, ...)`` gives both operands a linear layer takes from one activation or gradient: the
+rowwise ``quantize(t)`` and the columnwise ``quantize_wgrad(t)``, from one amax pass and one quantize pass
+(``nvfp4_dual``), bit-exact with the two separate kernels. ``QuantLinear`` uses it when ``DUAL_OPERANDS``
+is true: off until its GPU test has run (checked under Triton's CPU interpreter only).
+
 Non-contiguous inputs are copied to contiguous memory first (one extra read and write), except that the MX
 and FP8 kernels read a transposed view of a contiguous matrix (wgrad's ``dy.T``, ``x.T``) in place, through
 its strides (``tiling.row_reader``). Each entry point launches on its operands' CUDA device, whatever device
@@ -49,7 +54,9 @@ from ..rounding import Rounding
 from .device import on_operand_device
 
 __all__ = ["triton_available", "quantize", "quantize_swizzled", "quantize_dequantized", "Dequantized", "dequantized_mm",
-           "quantize_wgrad", "wgrad_amax", "qmm", "linear_w4a16", "fp8_mm"]
+           "quantize_wgrad", "wgrad_amax", "quantize_dual", "dual_amax", "qmm", "linear_w4a16", "fp8_mm"]
+
+DUAL_OPERANDS = False  # QuantLinear takes x's and dy's two operands from ``quantize_dual`` (not yet run on a GPU)
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -246,6 +253,60 @@ def wgrad_amax(t, config, transform=None):
     from .nvfp4_quantize import wgrad_amax as _amax
 
     return _amax(t, _signs(transform, t.device))
+
+
+class DualOperand(NamedTuple):
+    """How one output of ``quantize_dual`` is rounded: ``rounding``, its ``seed`` (stochastic only) and the
+    ``ElementIndex`` that places the tensor in the global batch for stochastic rounding (or None)."""
+
+    rounding: Rounding
+    seed: int | None = None
+    sr_index: object = None
+
+
+def dual_applies(t, config, transform=None) -> bool:
+    """Whether ``quantize_dual`` covers ``t`` (CUDA, 2D, features a multiple of 16) and NVFP4 1x16 ``config``."""
+    from .nvfp4_dual import covers
+
+    return _wgrad_kernel_applies(t, config, transform) and covers(t, config)
+
+
+@on_operand_device
+def dual_amax(t, config, transform=None):
+    """(max |t|, max |rht(pad(t^T))|) as a float32 (2,) tensor from one read, or None where ``quantize_dual``
+    does not apply: the amax pass alone, for an all-reduce between data-parallel ranks."""
+    if not dual_applies(t, config, transform):
+        return None
+    from .nvfp4_dual import dual_amax as _amax
+
+    return _amax(t.contiguous(), _signs(transform, t.device))
+
+
+@on_operand_device
+def quantize_dual(t, config, row: DualOperand, col: DualOperand, *, transform=None, amax=None, dequantized=False):
+    """Rowwise and columnwise NVFP4 (1x16) of ``t`` (tokens, features) from one read, or None where no kernel
+    covers it: (``quantize(t)`` with ``row``'s rounding, ``quantize_wgrad(t)`` with ``col``'s and
+    ``transform``), bit-exact with those two calls. ``amax``: a float32 (2,) tensor (rowwise amax, amax of
+    the transformed columnwise tensor; e.g. all-reduced ``dual_amax``) skips the amax pass.
+    ``dequantized``: two ``Dequantized`` operands (tokens, features) and (features, tokens') instead of
+    ``QuantizedTensor``s."""
+    if not dual_applies(t, config, transform):
+        return None
+    from ..quantize import QuantizedTensor
+    from .nvfp4_dual import quantize_nvfp4_dual
+
+    row = DualOperand(Rounding.parse(row.rounding), row.seed, row.sr_index)
+    col = DualOperand(Rounding.parse(col.rounding), col.seed, col.sr_index)
+    for op in (row, col):
+        if op.rounding is Rounding.STOCHASTIC and op.seed is None:
+            raise ValueError("quantize_dual: stochastic rounding needs a seed")
+    r, c = quantize_nvfp4_dual(t, tuple(row), tuple(col), _signs(transform, t.device), amax, dequantized=dequantized)
+    M, F = t.shape
+    if dequantized:
+        return Dequantized(r[0], r[1], M), Dequantized(c[0], c[1], F)
+    col_shape = torch.Size((F, M + (-M) % 16))
+    return (QuantizedTensor(*r, config, t.shape, t.dtype),
+            QuantizedTensor(*c, config, col_shape, torch.float32 if transform is not None else t.dtype))  # fmt: skip
 
 
 @on_operand_device

@@ -25,6 +25,11 @@ optimizer state stay in the parameters' dtype. Under autocast the input is cast 
 before quantization (as ``nn.Linear`` would cast it) and the output has that dtype. A recipe that quantizes
 nothing (``bf16``) is exactly ``F.linear``.
 
+On CUDA with all-NVFP4 recipes the GEMMs run on ``fourbit.kernels.Dequantized`` operands (``_emulates``).
+With ``fourbit.kernels.DUAL_OPERANDS`` on, x's fprop and wgrad operands come from one ``quantize_dual``
+call in forward (backward keeps Q(x^T) instead of x) and dy's dgrad and wgrad operands from one in
+backward: the same numbers as the separate kernels, with one read and one amax pass fewer per tensor.
+
 Data parallel (``fourbit.nn.set_data_parallel``): with the global batch split evenly over ranks, each
 per-tensor amax of an activation or gradient operand (NVFP4's tensor scale, per-tensor FP8) is all-reduced
 (max) over the ranks, and stochastic rounding indexes each element by its position in the global batch
@@ -257,43 +262,71 @@ class _QuantLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, recipe: Recipe, layer_id: int, step: int, parallel, out_dtype: torch.dtype):
         # x (M, K), weight (N, K) -> y (M, N) in out_dtype; M is this rank's share of the tokens
-        seed_x = derive_seed(recipe.seed, layer_id, step, Role.FPROP_X)
+        def seed(role):
+            return derive_seed(recipe.seed, layer_id, step, role)
+
         fast = _emulates(recipe, x, weight)
-        qx = quantize_operand(x, recipe.fprop.a, seed=seed_x, parallel=parallel, sr_index=_rows_index(x, parallel),
-                              dequantized=fast)  # fmt: skip
+        # x's fprop and wgrad operands from one kernel where it applies (wgrad then needs no copy of x)
+        dual = _dual_operands(x, recipe.fprop.a, recipe.wgrad.b, recipe, seed(Role.FPROP_X), seed(Role.WGRAD_X),
+                              parallel) if fast and ctx.needs_input_grad[1] else None  # fmt: skip
+        if dual is not None:
+            qx, qx_t = dual
+        else:
+            qx = quantize_operand(x, recipe.fprop.a, seed=seed(Role.FPROP_X), parallel=parallel,
+                                  sr_index=_rows_index(x, parallel), dequantized=fast)  # fmt: skip
         share = _shares_weight(recipe) and ctx.needs_input_grad[0]
         qw, qw_t = quantize_weight(weight, recipe, layer_id=layer_id, step=step, dgrad=share, dequantized=fast)
         y = _mm(qx, qw, recipe, out_dtype)  # (M, N)
-        ctx.save_for_backward(x, weight)
+        if dual is not None:  # keep Q(x^T) (features, tokens'), not x
+            ctx.save_for_backward(qx_t.values, weight, qx_t.tensor_scale)
+        else:
+            ctx.save_for_backward(x, weight)
+        ctx.x_dual, ctx.x_dtype = dual is not None, x.dtype
         ctx.qw_t = qw_t  # dgrad's W^T when shared with fprop, else quantized in backward
         ctx.recipe, ctx.layer_id, ctx.step, ctx.parallel, ctx.fast = recipe, layer_id, step, parallel, fast
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, weight = ctx.saved_tensors  # (M, K), (N, K)
         recipe, parallel = ctx.recipe, ctx.parallel
+        if ctx.x_dual:  # forward kept Q(x^T) (features, tokens'), not x
+            from ..kernels import Dequantized
+
+            xt_values, weight, xt_scale = ctx.saved_tensors
+            x, qx_t = None, Dequantized(xt_values, xt_scale, xt_values.shape[0])
+        else:
+            (x, weight), qx_t = ctx.saved_tensors, None  # (M, K), (N, K)
 
         def seed(role):
             return derive_seed(recipe.seed, ctx.layer_id, ctx.step, role)
 
         dx = dw = None
-        if ctx.needs_input_grad[0]:
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # dy's dgrad and wgrad operands from one kernel, where both are needed and it applies
+        dual = _dual_operands(dy, recipe.dgrad.a, recipe.wgrad.a, recipe, seed(Role.DGRAD_DY), seed(Role.WGRAD_DY),
+                              parallel) if ctx.fast and need_dx and need_dw else None  # fmt: skip
+        if need_dx:
             # Dgrad: dx (M, K) = dy (M, N) @ W (N, K), reduction over N
-            qdy = quantize_operand(
-                dy, recipe.dgrad.a, seed=seed(Role.DGRAD_DY), parallel=parallel, sr_index=_rows_index(dy, parallel),
-                dequantized=ctx.fast,
-            )  # fmt: skip
+            if dual is not None:
+                qdy = dual[0]
+            else:
+                qdy = quantize_operand(dy, recipe.dgrad.a, seed=seed(Role.DGRAD_DY), parallel=parallel,
+                                       sr_index=_rows_index(dy, parallel), dequantized=ctx.fast)  # fmt: skip
             qw_t = ctx.qw_t
             if qw_t is None:
                 qw_t = quantize_operand(weight.T, recipe.dgrad.b, seed=seed(Role.DGRAD_W), dequantized=ctx.fast)  # (K, N)
-            dx = _mm(qdy, qw_t, recipe, x.dtype)
-        if ctx.needs_input_grad[1]:
-            # Wgrad: dW (N, K) = dy^T (N, M') @ x (M', K), reduction over tokens
-            fused = _fused_wgrad_operands(dy, x, recipe, seed, parallel, dequantized=ctx.fast)
-            if fused is not None:
-                qa, qb = fused
-            else:
+            dx = _mm(qdy, qw_t, recipe, ctx.x_dtype)
+        if need_dw:
+            # Wgrad: dW (N, K) = dy^T (N, M') @ x (M', K), reduction over tokens; each operand from the dual
+            # kernel or the fused wgrad kernel, else both through the reference chain
+            qa, qb = dual[1] if dual is not None else None, qx_t
+            if qa is None:
+                qa = _wgrad_operand(dy, recipe.wgrad.a, Role.WGRAD_DY, recipe, seed, parallel, ctx.fast)
+            if qb is None:
+                qb = _wgrad_operand(x, recipe.wgrad.b, Role.WGRAD_X, recipe, seed, parallel, ctx.fast)
+            if qa is None or qb is None:
+                if x is None:  # cannot happen: the dual kernel ran, so the wgrad kernel applies to dy as well
+                    raise RuntimeError("QuantLinear: no wgrad kernel for dy although x took the dual kernel")
                 a, b = wgrad_inputs(dy, x, recipe)  # transposed, padded, RHT'd
                 index = _tokens_index(a.shape[1], parallel)
                 qa = quantize_operand(a, recipe.wgrad.a, seed=seed(Role.WGRAD_DY), parallel=parallel, sr_index=index)
@@ -303,35 +336,56 @@ class _QuantLinearFunction(torch.autograd.Function):
         return dx, dw, None, None, None, None, None
 
 
-def _fused_wgrad_operands(dy, x, recipe: Recipe, seed, parallel: DataParallel | None, dequantized: bool = False):
-    """(Q(dy^T), Q(x^T)) from one fused kernel each (``fourbit.kernels.quantize_wgrad``: transpose, token
+def _wgrad_operand(t, op: OperandQuant, role: Role, recipe: Recipe, seed, parallel: DataParallel | None,
+                   dequantized: bool = False):  # fmt: skip
+    """Q(rht(pad(t^T))) for wgrad from one fused kernel (``fourbit.kernels.quantize_wgrad``: transpose, token
     padding, RHT and quantization, bit-exact with ``wgrad_inputs`` + ``quantize_operand``), or None where
-    that kernel does not cover the recipe's wgrad operands (then the caller takes the reference chain).
-    ``dequantized``: as ``fourbit.kernels.Dequantized`` operands."""
+    that kernel does not cover the operand (then the caller takes the reference chain). ``dequantized``:
+    as a ``fourbit.kernels.Dequantized`` operand."""
     from .. import kernels
 
-    ops = (recipe.wgrad.a, recipe.wgrad.b)
-    if token_multiple(recipe) != RHT_SIZE or not all(isinstance(op.scheme, NVFP4Config) for op in ops):
+    if token_multiple(recipe) != RHT_SIZE or not isinstance(op.scheme, NVFP4Config):
         return None
-    transform = RHT(RHT_SIZE, recipe.rht_seed) if recipe.wgrad.a.rht else None
-    index = _tokens_index(dy.shape[0] + (-dy.shape[0]) % RHT_SIZE, parallel)
-    out = []
-    for t, op, role in ((dy, ops[0], Role.WGRAD_DY), (x, ops[1], Role.WGRAD_X)):
-        amax = None
-        if parallel is not None:
-            amax = kernels.wgrad_amax(t, op.scheme, transform)
-            if amax is None:
-                return None
-            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=parallel.group)
-        stochastic = op.rounding is Rounding.STOCHASTIC
-        q = kernels.quantize_wgrad(
-            t, op.scheme, rounding=op.rounding, seed=seed(role) if stochastic else None, transform=transform,
-            amax=amax, sr_index=index if stochastic else None, dequantized=dequantized,
-        )  # fmt: skip
-        if q is None:
+    transform = RHT(RHT_SIZE, recipe.rht_seed) if op.rht else None
+    amax = None
+    if parallel is not None:
+        amax = kernels.wgrad_amax(t, op.scheme, transform)
+        if amax is None:
             return None
-        out.append(q)
-    return tuple(out)
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=parallel.group)
+    stochastic = op.rounding is Rounding.STOCHASTIC
+    index = _tokens_index(t.shape[0] + (-t.shape[0]) % RHT_SIZE, parallel)
+    return kernels.quantize_wgrad(
+        t, op.scheme, rounding=op.rounding, seed=seed(role) if stochastic else None, transform=transform,
+        amax=amax, sr_index=index if stochastic else None, dequantized=dequantized,
+    )  # fmt: skip
+
+
+def _dual_operands(t, row: OperandQuant, col: OperandQuant, recipe: Recipe, row_seed: int, col_seed: int,
+                   parallel: DataParallel | None):  # fmt: skip
+    """(rowwise operand, wgrad operand) of ``t`` (tokens, features) as ``Dequantized`` from one kernel
+    (``fourbit.kernels.quantize_dual``), the same numbers as ``quantize_operand`` and ``_wgrad_operand``;
+    None unless ``kernels.DUAL_OPERANDS`` is on and the kernel covers both (the same NVFP4 1x16 scheme)."""
+    from .. import kernels
+
+    if not kernels.DUAL_OPERANDS or row.scheme != col.scheme or row.rht or token_multiple(recipe) != RHT_SIZE:
+        return None
+    transform = RHT(RHT_SIZE, recipe.rht_seed) if col.rht else None
+    if not isinstance(row.scheme, NVFP4Config) or not kernels.dual_applies(t, row.scheme, transform):
+        return None
+    amax = None
+    if parallel is not None:  # both are NVFP4: each tensor scale comes from the global amax
+        amax = kernels.dual_amax(t, row.scheme, transform)
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=parallel.group)
+
+    def op(q: OperandQuant, seed: int, index):
+        stochastic = q.rounding is Rounding.STOCHASTIC
+        return kernels.DualOperand(q.rounding, seed if stochastic else None, index if stochastic else None)
+
+    tokens = t.shape[0] + (-t.shape[0]) % RHT_SIZE
+    return kernels.quantize_dual(t, row.scheme, op(row, row_seed, _rows_index(t, parallel)),
+                                 op(col, col_seed, _tokens_index(tokens, parallel)), transform=transform, amax=amax,
+                                 dequantized=True)  # fmt: skip
 
 
 def _rows_index(t: torch.Tensor, parallel: DataParallel | None) -> ElementIndex | None:
