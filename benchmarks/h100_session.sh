@@ -13,6 +13,8 @@
 #   small    fourbit compare --preset small --ablations --seeds 3, runs spread over $JOBS worker processes
 #   runs     benchmarks/evidence_runs.py --preset $RUNS_PRESET --runs $RUNS (chosen recipe:seed runs), to /tmp/runs
 #   gpu      fourbit compare --preset gpu --seeds $SEEDS --steps $STEPS (main recipes; ABL=1 adds ablations)
+#   dual     kernels.quantize_dual: its GPU tests, bench_wgrad (dual vs separate kernels), profile_step
+#            with nvfp4 vs nvfp4:dual (kernels.DUAL_OPERANDS on) at batch 32
 # Compare runs keep metrics.jsonl and config files only (tarred to $OUT/<phase>.tgz): no checkpoints.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=. NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -69,4 +71,11 @@ if has gpu; then
     --seeds ${SEEDS:-3} --steps ${STEPS:-300} $abl \
     --jobs ${GPU_JOBS:-1} --out /tmp/gpu --data-dir $DATA --no-progress > $OUT/gpu.log 2>&1
   echo "gpu rc=$?"; tail -25 $OUT/gpu.log; pack gpu
+fi
+if has dual; then
+  timeout ${T_DUAL_TESTS:-240} python3 -m pytest -q -rf -p no:cacheprovider -m gpu tests/test_kernels.py -k dual -n 4 --tb=short \
+    > $OUT/dual_tests.log 2>&1; echo "dual tests rc=$?"; tail -5 $OUT/dual_tests.log
+  timeout ${T_WGRAD:-90} python3 benchmarks/bench_wgrad.py > $OUT/bench_wgrad.log 2>&1; echo "wgrad rc=$?"; grep -E "dual|separate" $OUT/bench_wgrad.log
+  timeout ${T_PROFILE:-120} python3 benchmarks/profile_step.py --recipes bf16 nvfp4 nvfp4:dual --steps 5 --out $OUT \
+    > $OUT/profile_dual.log 2>&1; echo "profile rc=$?"; grep -E "^\| (bf16|nvfp4)" $OUT/profile_dual.log | head -3
 fi

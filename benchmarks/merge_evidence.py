@@ -97,7 +97,10 @@ def main() -> None:
     old = previous_values(args.previous) if args.previous else {"val": {}, "train": {}}
     kept = {k for k in old["val"] if k not in found}  # runs known only from the earlier tables
     found.update({k: old["val"][k] for k in kept})
-    meta_dir = next(run_dir(args.out / "runs", *k) for k in sorted(found, key=lambda k: (k[0] != BASELINE, k)) if k not in kept)
+    here = sorted((k for k in found if k not in kept), key=lambda k: (k[0] != BASELINE, k))  # bf16 first
+    if not here:
+        raise SystemExit(f"merge_evidence: no run with metrics.jsonl under {', '.join(map(str, args.roots))}")
+    meta_dir = run_dir(args.out / "runs", *here[0])
     meta = json.loads((meta_dir / "run.json").read_text())
     lines = [f"# {args.title or 'Evidence runs'}", "",
              f"Preset `{meta['config']['preset']}` ({meta['params'] / 1e6:.2f}M params), {meta['config']['steps']} steps x "
