@@ -20,7 +20,6 @@ unsupported and a malformed one can crash the process. (Not run here: no sm100 G
 from __future__ import annotations
 
 import functools
-
 import warnings
 
 import torch
