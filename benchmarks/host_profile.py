@@ -45,17 +45,14 @@ def _syncs(step) -> list[str]:
         where = " <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))
         sites[f"{str(message).splitlines()[0][:80]} @ {where or filename + ':' + str(lineno)}"] += 1
 
-    old = warnings.showwarning
-    warnings.showwarning = show
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = show
-            torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings():  # restores showwarning and the filters on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
             step()
+        finally:
             torch.cuda.set_sync_debug_mode("default")
-    finally:
-        warnings.showwarning = old
     return [f"{n} x {site}" for site, n in sites.most_common()]
 
 

@@ -265,10 +265,9 @@ class DualOperand(NamedTuple):
 
 
 def dual_applies(t, config, transform=None) -> bool:
-    """Whether ``quantize_dual`` covers ``t`` (CUDA, 2D, features a multiple of 16) and NVFP4 1x16 ``config``."""
-    from .nvfp4_dual import covers
-
-    return _wgrad_kernel_applies(t, config, transform) and covers(t, config)
+    """Whether ``quantize_dual`` covers ``t`` and ``config``: where ``quantize_wgrad`` does (CUDA, 2D, NVFP4 1x16)
+    and the features are a multiple of 16 (its rowwise output has no padding)."""
+    return _wgrad_kernel_applies(t, config, transform) and t.shape[1] % 16 == 0
 
 
 @on_operand_device

@@ -25,7 +25,6 @@ import triton.language as tl
 
 from ..formats import E2M1_MAX, E4M3_MAX
 from ..rounding import Rounding
-from ..schemes import NVFP4Config
 from .nvfp4_quantize import EXACT_OPTIONS, ONE_SIXTH_F32, _block_codes, _block_scales, _fwht16, _pack8, _tensor_scales
 from .tl_formats import decode_e2m1, decode_e4m3, sr_args
 
@@ -206,7 +205,3 @@ def quantize_nvfp4_dual(
     fp8 = torch.float8_e4m3fn
     return (r_data, r_scales.view(fp8), tscale[0]), (c_data, c_scales.view(fp8), tscale[1])
 
-
-def covers(t: torch.Tensor, config: NVFP4Config) -> bool:
-    """A 2D tensor with features a multiple of 16, NVFP4 1x16 without four-over-six."""
-    return t.dim() == 2 and t.shape[1] % 16 == 0 and t.numel() > 0 and config.block == (1, 16) and not config.four_over_six
