@@ -15,6 +15,8 @@
 #   gpu      fourbit compare --preset gpu --seeds $SEEDS --steps $STEPS (main recipes; ABL=1 adds ablations)
 #   dual     kernels.quantize_dual: its GPU tests, bench_wgrad (dual vs separate kernels), profile_step
 #            with nvfp4 vs nvfp4:dual (kernels.DUAL_OPERANDS on) at batch 32
+#   graph    CUDA-graph training step: its GPU tests (graphed == eager bit for bit, harness --cuda-graph run and
+#            resume), then profile_step eager vs graphed for every recipe (PROFILE_GRAPH_RECIPES)
 # Compare runs keep metrics.jsonl and config files only (tarred to $OUT/<phase>.tgz): no checkpoints.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=. NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -78,4 +80,12 @@ if has dual; then
   timeout ${T_WGRAD:-90} python3 benchmarks/bench_wgrad.py > $OUT/bench_wgrad.log 2>&1; echo "wgrad rc=$?"; grep -E "dual|separate" $OUT/bench_wgrad.log
   timeout ${T_PROFILE:-120} python3 benchmarks/profile_step.py --recipes bf16 nvfp4 nvfp4:dual --steps 5 --out $OUT \
     > $OUT/profile_dual.log 2>&1; echo "profile rc=$?"; grep -E "^\| (bf16|nvfp4)" $OUT/profile_dual.log | head -3
+fi
+if has graph; then
+  timeout ${T_GRAPH_TESTS:-300} python3 -m pytest -q -rf -p no:cacheprovider -m gpu tests/test_gpu_training.py \
+    tests/test_harness_train.py tests/test_kernels.py -k "graph or bf16_autocast or seed_keys" -n 4 --tb=short > $OUT/graph_tests.log 2>&1
+  echo "graph tests rc=$?"; tail -8 $OUT/graph_tests.log
+  timeout ${T_PROFILE:-300} python3 benchmarks/profile_step.py --steps ${PROFILE_STEPS:-10} --out $OUT --recipes \
+    ${PROFILE_GRAPH_RECIPES:-bf16 nvfp4 bf16:graph nvfp4:graph nvfp4:dual:graph fp8:graph fp8-blockwise:graph mxfp4:graph} \
+    > $OUT/profile_graph.log 2>&1; echo "profile rc=$?"; grep -E "^\| [a-z0-9-]+(:[a-z:]+)? \|" $OUT/profile_graph.log | head -12
 fi

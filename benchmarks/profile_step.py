@@ -8,7 +8,11 @@ call (Python dispatch and launches) against the kernel's own time.
 
     PYTHONPATH=. python benchmarks/profile_step.py [--recipes bf16 nvfp4 fp8 mxfp4] [--batch 32] [--out DIR]
 
-A recipe written ``nvfp4:dual`` runs with ``fourbit.kernels.DUAL_OPERANDS`` on (``kernels.quantize_dual``).
+A recipe written ``nvfp4:dual`` runs with ``fourbit.kernels.DUAL_OPERANDS`` on (``kernels.quantize_dual``);
+``nvfp4:graph`` captures the step in a CUDA graph (``fourbit.harness.graphs.GraphedTrainStep``, the harness's
+``--cuda-graph``) and compares it with ``bf16:graph`` from the same run; ``nvfp4:dual:graph`` does both.
+
+    PYTHONPATH=. python benchmarks/profile_step.py --recipes bf16 nvfp4 bf16:graph nvfp4:graph
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import torch
 import fourbit
 import fourbit.kernels
 from fourbit.harness.model import get_preset
+from fourbit.harness.graphs import GraphedTrainStep
 from fourbit.harness.train import build_model, make_optimizer, resolve_recipe, train_config, train_step
 
 GROUPS = (  # (group, substrings of kernel names), first match wins
-    ("fourbit quantize", ("_quantize_kernel", "_amax_kernel", "_mx_", "_fp8_")),
+    ("fourbit quantize", ("_quantize_kernel", "_amax_kernel", "_mx_", "_fp8_", "_dual_kernel", "_seed_keys")),
     ("fourbit dequantize", ("_dequant_kernel",)),
     ("GEMM (Triton, NVFP4)", ("_scaled_gemm", "_qmm_kernel")),
     ("GEMM (cuBLAS / cutlass)", ("gemm", "sm90_xmma", "cutlass", "nvjet", "Kernel2")),
@@ -42,11 +47,12 @@ def group_of(name: str) -> str:
     return "other (elementwise, reductions, copies, optimizer)"
 
 
-def step_times(recipe_name: str, steps: int, batch: int) -> tuple[list[float], object]:
+def step_times(recipe_name: str, steps: int, batch: int, graph: bool = False) -> tuple[list[float], object]:
     device = torch.device("cuda")
-    cfg = train_config("gpu", recipe=recipe_name, batch_size=batch)
+    cfg = train_config("gpu", recipe=recipe_name, batch_size=batch, cuda_graph=graph)
     model = build_model(get_preset("gpu"), resolve_recipe(recipe_name), device)
     opt = make_optimizer(model, cfg, device)
+    step_fn = GraphedTrainStep(model, opt, device) if graph else train_step  # 2 eager steps, then capture
     T = get_preset("gpu").block_size
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randint(0, get_preset("gpu").vocab_size, (batch, T), device=device, generator=gen)
@@ -55,14 +61,14 @@ def step_times(recipe_name: str, steps: int, batch: int) -> tuple[list[float], o
     for i in range(steps + 3):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train_step(model, opt, x, y, 1e-4, 1.0, device)
+        step_fn(model, opt, x, y, 1e-4, 1.0, device)
         torch.cuda.synchronize()
         if i >= 3:
             times.append(time.perf_counter() - t0)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        train_step(model, opt, x, y, 1e-4, 1.0, device)
+        step_fn(model, opt, x, y, 1e-4, 1.0, device)
         torch.cuda.synchronize()
     return times, prof
 
@@ -149,25 +155,32 @@ def main() -> None:
         print("profile_step: needs a CUDA GPU; nothing to do")
         return
     lines = [f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
-             "", f"gpu preset, batch {args.batch} x 512 tokens, median of {args.steps} steps after 3 warm-up steps", "",
+             "", f"gpu preset, batch {args.batch} x 512 tokens, median of {args.steps} steps after 3 warm-up steps "
+             "(graphed runs: 2 eager steps, then capture; each ratio against bf16 run the same way)", "",
              "| recipe | step ms | vs bf16 | GPU ms by kernel group (profiled step) |", "|---|---|---|---|"]  # fmt: skip
-    base = None
+    base: dict[bool, float] = {}  # bf16's step time, eager and graphed
     tables = []
     for name in args.recipes:
         # "<recipe>:dual": the same recipe with fourbit.kernels.DUAL_OPERANDS on (x's and dy's two operands
-        # each from one quantize_dual call)
-        recipe, _, mode = name.partition(":")
-        fourbit.kernels.DUAL_OPERANDS = mode == "dual"
+        # each from one quantize_dual call); ":graph": the step captured in a CUDA graph and replayed
+        recipe, *mods = name.split(":")
+        unknown = set(mods) - {"dual", "graph"}
+        if unknown:
+            raise SystemExit(f"profile_step: unknown modifier(s) {sorted(unknown)} in {name!r}; known: dual, graph")
+        fourbit.kernels.DUAL_OPERANDS = "dual" in mods
+        graph = "graph" in mods
         try:
-            times, prof = step_times(recipe, args.steps, args.batch)
+            times, prof = step_times(recipe, args.steps, args.batch, graph=graph)
         except Exception as e:  # report and go on with the other recipes
             lines.append(f"| {name} | failed: {type(e).__name__}: {str(e)[:120]} | | |")
+            print(lines[-1], flush=True)
             continue
         ms = statistics.median(times) * 1e3
-        base = base or (ms if name == "bf16" else None)
+        if recipe == "bf16" and not fourbit.kernels.DUAL_OPERANDS:
+            base.setdefault(graph, ms)
         groups = kernel_groups(prof)
         gtxt = "; ".join(f"{g} {t:.1f}" for g, t in sorted(groups.items(), key=lambda kv: -kv[1]))
-        ratio = f"{ms / base:.2f}x" if base else "-"
+        ratio = f"{ms / base[graph]:.2f}x" if graph in base else "-"
         lines.append(f"| {name} | {ms:.1f} | {ratio} | {gtxt} (sum {sum(groups.values()):.1f}) |")
         print(lines[-1], flush=True)
         tables.append(f"\n## {name}: top kernels and ops\n\n```\n"

@@ -103,7 +103,8 @@ def random_bits(seed: int, index: torch.Tensor) -> torch.Tensor:
     ``r = hash(hash(index_lo ^ key) ^ index_hi)`` with ``key = seed_key(seed)``.
     """
     if not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        hint = " (a seed key in device memory is read only by the Triton kernels)" if isinstance(seed, torch.Tensor) else ""
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}{hint}")
     index = index.to(torch.int64)
     h = _hash32((index & _MASK32) ^ seed_key(seed))
     return _hash32(h ^ (index >> 32))

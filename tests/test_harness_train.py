@@ -275,3 +275,48 @@ def test_summary_reports_the_lowest_val_loss_and_overfitting(tmp_path):
     for seed in (0, 1):
         _fake_run(falling, "bf16", seed, [9.0, 5.0, 4.0 - seed / 10])
     assert "overfit" not in hc.summary_markdown(hc.summarize(falling, ["bf16"], 2))
+
+
+def test_cuda_graph_options_are_checked_up_front(tmp_path):
+    """``cuda_graph`` runs one process on CUDA, eagerly captured: other combinations fail before any work."""
+    with pytest.raises(ValueError, match="one process"):
+        tiny_cfg(cuda_graph=True, parallel="ddp")
+    with pytest.raises(ValueError, match="exclusive"):
+        tiny_cfg(cuda_graph=True, compile=True)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        ht.train(tiny_cfg(cuda_graph=True, device="cpu"), tmp_path, progress=False)
+    assert not (tmp_path / ht.METRICS).exists()
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        ht.make_optimizer(torch.nn.Linear(4, 4), tiny_cfg(cuda_graph=True), torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", ["bf16", "nvfp4"], ids=["bf16", "nvfp4-sr-rht"])
+def test_cuda_graph_run_matches_eager_run_and_resumes(recipe, tmp_path):
+    """``--cuda-graph`` end to end: 2 eager steps, a capture, replays. Its losses equal the eager run's
+    (the capturable AdamW reads the same float32 LR the fused eager one rounds to; the SR seeds come from
+    device counters that give the host's keys), and a Ctrl-C + resume reproduces the uninterrupted graphed
+    run bit for bit (the device counters are saved through rng_state). Math attention: deterministic."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        eager = ht.train(tiny_cfg(recipe=recipe, device="cuda"), tmp_path / "eager", progress=False)
+        cfg = tiny_cfg(recipe=recipe, device="cuda", cuda_graph=True)
+        whole = ht.train(cfg, tmp_path / "whole", progress=False)
+
+        def ctrl_c_at_3(step):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        with pytest.raises(KeyboardInterrupt):
+            ht.train(cfg, tmp_path / "cut", progress=False, callback=ctrl_c_at_3)
+        ht.train(cfg, tmp_path / "cut", resume=True, progress=False)
+    assert _losses(tmp_path / "cut") == _losses(whole)
+    graphed, plain = _losses(whole), _losses(eager)
+    for g, e in zip(graphed, plain, strict=True):
+        for k in ("train_loss", "val_loss", "grad_norm"):
+            assert (g[k] is None) == (e[k] is None)
+            if g[k] is not None:
+                assert g[k] == pytest.approx(e[k], rel=1e-6, abs=0), (k, g, e)
+    a = torch.load(tmp_path / "cut" / ht.CHECKPOINT, weights_only=True)
+    assert a["fourbit_rng"] is None or all(s["step"] == 8 for s in a["fourbit_rng"].values())

@@ -704,3 +704,46 @@ def test_swizzle_known_positions():
 def test_quantize_swizzled_is_cuda_only():
     with pytest.raises(ValueError, match="CUDA"):
         K.quantize_swizzled(torch.randn(16, 32))
+
+
+@gpu
+def test_seed_keys_and_device_keys_on_gpu():
+    """On the GPU: ``seed_keys`` = the host's ``seed_key(derive_seed(...))`` for every role, and the quantize
+    kernels give the same bytes with the key read from device memory as with the int seed (NVFP4 1x16 and
+    wgrad, MXFP4, FP8 1x128, all stochastically rounded; also inside a captured and replayed CUDA graph,
+    which then follows the key written before each replay)."""
+    from fourbit.nn.linear import Role, derive_seed, seed_base
+    from fourbit.rounding import seed_key
+    from fourbit.schemes import NVFP4Config as NVFP4
+
+    dev = torch.device("cuda")
+    for seed, layer, step in ((0, 0, 0), (2**63 - 1, 17, 12345), (99, 3, 2**40 + 7)):
+        counter = torch.tensor([step], dtype=torch.int64, device=dev)
+        keys = K.seed_keys(counter, seed_base(seed, layer), True)
+        assert (keys.long() & 0xFFFFFFFF).tolist() == [seed_key(derive_seed(seed, layer, step, r)) for r in Role]
+        assert int(counter) == step + 1
+
+    def key_of(seed):
+        k = seed_key(seed)
+        return torch.tensor([k - (1 << 32) if k >= 1 << 31 else k], dtype=torch.int32, device=dev)
+
+    x = torch.randn(256, 512, generator=_gen(5)).cuda() * 3
+    cases = [("nvfp4", {}), ("mxfp4", {}), ("fp8", dict(block=(1, 128)))]
+    for scheme, kw in cases:
+        want = fourbit.quantize(x, scheme, rounding="stochastic", seed=7, **kw)
+        got = fourbit.quantize(x, scheme, rounding="stochastic", seed=key_of(7), **kw)
+        assert torch.equal(got.data, want.data) and torch.equal(got.scales.view(torch.uint8), want.scales.view(torch.uint8))
+    w_want = K.quantize_wgrad(x, NVFP4(), rounding="stochastic", seed=11)
+    w_got = K.quantize_wgrad(x, NVFP4(), rounding="stochastic", seed=key_of(11))
+    assert torch.equal(w_got.data, w_want.data) and torch.equal(w_got.scales.view(torch.uint8), w_want.scales.view(torch.uint8))
+
+    key = key_of(1)
+    fourbit.quantize(x, "nvfp4", rounding="stochastic", seed=key)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q = fourbit.quantize(x, "nvfp4", rounding="stochastic", seed=key, check_finite=False)
+    for s in (2, 3):
+        key.copy_(key_of(s))
+        graph.replay()
+        want = fourbit.quantize(x, "nvfp4", rounding="stochastic", seed=s)
+        assert torch.equal(q.data, want.data)

@@ -13,6 +13,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fourbit
 from fourbit.rounding import ElementIndex, Rounding
@@ -50,7 +52,7 @@ if INTERPRET:
         for _name, _obj in list(vars(_mod).items()):
             if isinstance(_obj, JITFunction):
                 setattr(_mod, _name, _interp.InterpretedFunction(_obj.fn))
-    for _name in ("tl_formats", "tiling", "nvfp4_quantize", "nvfp4_dual", "nvfp4_gemm", "dequant_gemm", "fp4_transpose", "mx_quantize", "fp8_quantize"):
+    for _name in ("tl_formats", "tiling", "nvfp4_quantize", "nvfp4_dual", "nvfp4_gemm", "dequant_gemm", "fp4_transpose", "mx_quantize", "fp8_quantize", "seeds"):
         if f"fourbit.kernels.{_name}" in sys.modules:
             importlib.reload(sys.modules[f"fourbit.kernels.{_name}"])
 
@@ -622,3 +624,94 @@ def test_quantlinear_dual_operands_equal_separate_kernels(recipe, rank, monkeypa
     finally:
         if rank is not None:
             dist.destroy_process_group()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**63 - 1), layer=st.integers(0, 10**6), step=st.integers(0, 2**62), advance=st.booleans())
+def test_seed_keys_kernel_equals_host_seeds(seed, layer, step, advance):
+    """``kernels.seed_keys`` computes on the device the six keys the host derives, ``seed_key(derive_seed(seed,
+    layer, step, role))`` for each role (64-bit SplitMix64 and the 32-bit hash, wrapping as Python ints do
+    masked), and advances the step counter only when told to."""
+    from fourbit.kernels import seed_keys
+    from fourbit.nn.linear import Role, derive_seed, seed_base
+    from fourbit.rounding import seed_key
+
+    counter = torch.tensor([step], dtype=torch.int64)
+    keys = seed_keys(counter, seed_base(seed, layer), advance)
+    want = [seed_key(derive_seed(seed, layer, step, role)) for role in Role]
+    assert keys.dtype == torch.int32 and (keys.long() & 0xFFFFFFFF).tolist() == want
+    assert int(counter) == step + advance
+
+
+def test_kernels_read_a_seed_key_from_device_memory():
+    """Every stochastically rounding kernel takes its key as an int or as a one-element int32 tensor holding
+    ``seed_key(seed)`` (what ``seed_keys`` writes): the same bytes either way."""
+    from fourbit.kernels.fp8_quantize import quantize_fp8
+    from fourbit.kernels.mx_quantize import quantize_mx
+    from fourbit.kernels.nvfp4_dual import quantize_nvfp4_dual
+    from fourbit.kernels.nvfp4_quantize import quantize_nvfp4, quantize_nvfp4_wgrad
+    from fourbit.rounding import seed_key
+    from fourbit.schemes import resolve_scheme
+
+    def key_of(seed):
+        return torch.tensor([seed_key(seed)], dtype=torch.int64).to(torch.int32)[0:1]  # wraps like the kernel's bitcast
+
+    sr = Rounding.STOCHASTIC
+    x = torch.randn(32, 128, generator=torch.Generator().manual_seed(8)) * 3
+    nv = NVFP4Config()
+    pairs = [
+        (lambda s: quantize_nvfp4(x, nv, sr, s, None, False, None, tile=256, max_blocks=4)),
+        (lambda s: quantize_nvfp4_wgrad(x, nv, sr, s, None, None, None, bf=16, nb=2)),
+        (lambda s: quantize_nvfp4_dual(x, (sr, s, None), (sr, s + 1 if isinstance(s, int) else key_of(8), None), None)),
+        (lambda s: quantize_mx(x, resolve_scheme("mxfp4", block=None, fmt=None, scale_mode=None, four_over_six=None,
+                                                 pow2_scale=None), sr, s, False, None, br=8, nb=2)),  # fmt: skip
+        (lambda s: quantize_fp8(x, resolve_scheme("fp8", block=(1, 128), fmt=None, scale_mode=None, four_over_six=None,
+                                                  pow2_scale=None), sr, s, None, False, None)),  # fmt: skip
+    ]
+    for i, run in enumerate(pairs):
+        with_int, with_key = run(7), run(key_of(7))
+        flat = lambda out: [t for o in out for t in (o if isinstance(o, tuple) else (o,))]  # noqa: E731
+        for a, b in zip(flat(with_int), flat(with_key), strict=True):
+            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), f"kernel {i} differs"
+    with pytest.raises(ValueError, match="one int32 element"):
+        quantize_nvfp4(x, nv, sr, torch.zeros(2, dtype=torch.int32), None, False, None)
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4", "nvfp4-no-rht"])
+def test_quantlinear_device_seeds_equal_host_seeds(recipe, monkeypatch):
+    """With the SR step counter in device memory (``use_device_seeds``; set by hand here, on the CPU under the
+    interpreter), QuantLinear's y, dx and dW equal those with host seeds bit for bit over two training steps,
+    both counters reach 2, and an eval forward does not advance them."""
+    import fourbit.kernels as K
+    import fourbit.nn.linear as L
+    from fourbit.nn import QuantLinear
+
+    def on_cpu(x, config):
+        return x.numel() > 0 and isinstance(config, NVFP4Config) and not config.four_over_six
+
+    monkeypatch.setattr(K, "dequantized_applies", on_cpu)
+    monkeypatch.setattr(K, "_wgrad_kernel_applies", lambda t, c, tr: t.dim() == 2 and on_cpu(t, c) and c.block == (1, 16))
+    real_emulates, fast = L._emulates, []
+    monkeypatch.setattr(L, "_emulates", lambda *a: fast.append(real_emulates(*a)) or fast[-1])
+    lins = [QuantLinear(128, 64, bias=False, recipe=recipe) for _ in range(2)]
+    lins[1].load_state_dict(lins[0].state_dict())
+    lins[1]._step_counter = torch.zeros(1, dtype=torch.int64)  # what use_device_seeds makes on a GPU
+    outs = [[], []]
+    for step in range(2):
+        x = torch.randn(56, 128, generator=torch.Generator().manual_seed(step)) * 2  # 56 tokens: padded to 64
+        dy = torch.randn(56, 64, generator=torch.Generator().manual_seed(10 + step))
+        for lin, out in zip(lins, outs):
+            xi = x.clone().requires_grad_()
+            lin.weight.grad = None
+            y = lin(xi)
+            y.backward(dy)
+            out.append((y.detach(), xi.grad, lin.weight.grad.clone()))
+    assert fast == [True] * 4, "the kernel (dequantized) path was not taken"
+    for got, want in zip(outs[1], outs[0]):
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    assert lins[0].step == lins[1].step == 2 and lins[1]._step == 0  # the device counter is the state
+    lins[1].eval()
+    with torch.no_grad():
+        lins[1](torch.randn(16, 128))
+    assert lins[1].step == 2

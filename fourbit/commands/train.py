@@ -15,6 +15,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="gpt2, gpt2-4k or bytes (default: the preset's)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU runs)")
+    p.add_argument("--cuda-graph", action="store_true", help="capture the training step in a CUDA graph and "
+                   "replay it (one CUDA device, no --parallel, no --compile)")  # fmt: skip
     p.add_argument("--data-dir", default=None, help="token cache and PyPI archives (default ~/.cache/fourbit)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--parallel", default=None, choices=("none", "ddp", "fsdp2"),
@@ -23,7 +25,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 
 def overrides(args: argparse.Namespace) -> dict:
     return {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "tokenizer": args.tokenizer,
-            "device": args.device, "compile": args.compile or None, "data_dir": args.data_dir,
+            "device": args.device, "compile": args.compile or None, "cuda_graph": args.cuda_graph or None,
+            "data_dir": args.data_dir,
             "parallel": args.parallel}  # fmt: skip
 
 

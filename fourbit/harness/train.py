@@ -77,6 +77,7 @@ class TrainConfig:
     compile: bool = False
     data_dir: str | None = None
     parallel: str = "none"  # "ddp" or "fsdp2" under torchrun
+    cuda_graph: bool = False  # capture the step in a CUDA graph and replay it (fourbit.harness.graphs)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "eval_every", "eval_tokens", "ckpt_every"):
@@ -89,7 +90,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.seed must be >= 0, got {self.seed}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
-        par.parse(self.parallel)  # ValueError listing the modes
+        if par.parse(self.parallel) is not par.Parallel.NONE and self.cuda_graph:  # parse: ValueError listing the modes
+            raise ValueError(f"cuda_graph runs one process; parallel={self.parallel!r} is not captured")
+        if self.cuda_graph and self.compile:
+            raise ValueError("cuda_graph and compile are exclusive (capture the eager step, or compile it)")
 
 
 # What changes with the preset besides the model (fourbit.harness.model.PRESETS).
@@ -152,11 +156,17 @@ def build_model(cfg: GPTConfig, recipe, device: torch.device, seed: int = 0) -> 
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (linears, the tied embedding), none on anything 1-D."""
+    """AdamW; weight decay on matrices (linears, the tied embedding), none on anything 1-D. With
+    ``cfg.cuda_graph`` it is capturable, its learning rate a device tensor that ``train_step`` fills."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.cuda_graph:
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graph needs a CUDA device, got {device}")
+        lr = torch.tensor(cfg.lr, dtype=torch.float32, device=device)
+        return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=True, capturable=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
@@ -168,14 +178,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def _autocast(device: torch.device, cache_enabled: bool = True):
+    if device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
 
 
 def train_step(model, opt, x, y, lr: float, grad_clip: float, device: torch.device):
     """One optimizer step on batch ``(x, y)``; returns the loss and the pre-clip grad-norm as device tensors."""
     for group in opt.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)  # a capturable optimizer's LR lives on the device
+        else:
+            group["lr"] = lr
     with _autocast(device):
         _, loss = model(x, y)
     loss.backward()
@@ -318,6 +333,8 @@ def train(
     get_preset(cfg.preset)
     recipe = resolve_recipe(cfg.recipe, cfg.seed)
     device = resolve_device(cfg.device)
+    if cfg.cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph needs a CUDA device, got {device} (CUDA graphs record GPU kernels)")
     env, device = par.init(cfg.parallel, device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # cuda:k in a worker process: allocations and kernel launches go there
@@ -423,6 +440,11 @@ def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, env: par.D
     t_interval, t_run = time.perf_counter(), time.perf_counter()
     steps_in_timing, gnorm = 0, None
     raw_model.train()
+    step_fn = train_step
+    if cfg.cuda_graph:  # after the resume: the device counters start from the restored SR steps
+        from .graphs import GraphedTrainStep
+
+        step_fn = GraphedTrainStep(raw_model, opt, device)
     try:
         with _StopOnSigint() as stop:
             for step in range(start, cfg.steps):
@@ -430,7 +452,7 @@ def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, env: par.D
                     fnn.set_progress(raw_model, step / cfg.steps)
                 x, y = sampler.batch(step)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss, gnorm = train_step(model, opt, x, y, lr_at(step, cfg), cfg.grad_clip, device)
+                loss, gnorm = step_fn(model, opt, x, y, lr_at(step, cfg), cfg.grad_clip, device)
                 loss_sum += loss
                 n_in_interval += 1
                 steps_in_timing += 1

@@ -28,6 +28,11 @@ rowwise ``quantize(t)`` and the columnwise ``quantize_wgrad(t)``, from one amax 
 (``nvfp4_dual``), bit-exact with the two separate kernels. ``QuantLinear`` uses it when ``DUAL_OPERANDS``
 is true: off until its GPU test has run (checked under Triton's CPU interpreter only).
 
+``seed_keys(base, counter, advance)`` computes a layer's six stochastic-rounding keys from a step counter in
+device memory (``seeds``); every quantize kernel takes a key as an int or as such a one-element device
+tensor. ``fourbit.nn.use_device_seeds`` switches ``QuantLinear`` to it, so a training step can be captured
+in a CUDA graph and replayed with fresh random bits (``fourbit.harness.graphs``).
+
 Non-contiguous inputs are copied to contiguous memory first (one extra read and write), except that the MX
 and FP8 kernels read a transposed view of a contiguous matrix (wgrad's ``dy.T``, ``x.T``) in place, through
 its strides (``tiling.row_reader``). Each entry point launches on its operands' CUDA device, whatever device
@@ -54,7 +59,7 @@ from ..rounding import Rounding
 from .device import on_operand_device
 
 __all__ = ["triton_available", "quantize", "quantize_swizzled", "quantize_dequantized", "Dequantized", "dequantized_mm",
-           "quantize_wgrad", "wgrad_amax", "quantize_dual", "dual_amax", "qmm", "linear_w4a16", "fp8_mm"]
+           "quantize_wgrad", "wgrad_amax", "quantize_dual", "dual_amax", "seed_keys", "qmm", "linear_w4a16", "fp8_mm"]
 
 DUAL_OPERANDS = False  # QuantLinear takes x's and dy's two operands from ``quantize_dual`` (not yet run on a GPU)
 
@@ -84,6 +89,16 @@ def _unsupported(config, x, rounding) -> str | None:
     if x.numel() == 0:
         return "empty tensor"
     return None
+
+
+@on_operand_device
+def seed_keys(counter: torch.Tensor, base: int, advance: bool) -> torch.Tensor:
+    """int32 (6,): ``seed_key(derive_seed(seed, layer, step, role))`` for each ``Role``, with ``step`` read from
+    ``counter`` (int64, one element, CUDA or the interpreter) and ``base = seed_base(seed, layer)``; then
+    ``counter += 1`` if ``advance``. One launch; no host sync."""
+    from .seeds import seed_keys as _seed_keys
+
+    return _seed_keys(base, counter, advance)
 
 
 @on_operand_device

@@ -16,6 +16,7 @@ Everything here is written so the float32 results equal the PyTorch reference ex
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -42,7 +43,11 @@ def hash32(x):
 
 @triton.jit
 def random_bits(key, index):
-    """32 random bits (uint32) for int64 flat ``index``: hash(hash(lo ^ key) ^ hi), key = seed_key(seed)."""
+    """32 random bits (uint32) for int64 flat ``index``: hash(hash(lo ^ key) ^ hi), key = seed_key(seed).
+
+    ``key`` is the int32 scalar or a pointer to it in device memory (``sr_args``; CUDA-graph replays)."""
+    if key.dtype.is_ptr():
+        key = tl.load(key)
     key = key.to(tl.uint32, bitcast=True)
     lo = (index & 0xFFFFFFFF).to(tl.uint32)
     hi = (index >> 32).to(tl.uint32)
@@ -90,13 +95,21 @@ def encode_exmy(
     return mag | (sign << (EBITS + MBITS))
 
 
-def sr_args(stochastic: bool, seed: int | None, sr_index, row_len: int) -> tuple[int, int, int, int]:
+def sr_args(stochastic: bool, seed, sr_index, row_len: int) -> tuple:
     """(row_off, col_off, row_stride, key) for a kernel that draws ``random_bits(key, (r + row_off) *
     row_stride + c + col_off)``: the ``ElementIndex`` (default: the tensor itself, rows of ``row_len``) and
-    the seed's 32-bit key as an int32 (the kernel reinterprets it as uint32; 0 without stochastic rounding)."""
-    key = seed_key(seed) if stochastic else 0
+    the seed's 32-bit key as an int32 (the kernel reinterprets it as uint32; 0 without stochastic rounding).
+
+    ``seed`` is an int, or a one-element int32 tensor on the operand's device that already holds the key
+    (``fourbit.kernels.seed_keys``): the kernel then reads the key when it runs, so a CUDA graph replays
+    with whatever key the graph's earlier kernels wrote there."""
     index = sr_index or ElementIndex()
     stride = index.row_stride if index.row_stride is not None else row_len
+    if stochastic and isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int32 or seed.numel() != 1:
+            raise ValueError(f"a device seed key must be one int32 element, got {seed.dtype} {tuple(seed.shape)}")
+        return index.row_offset, index.col_offset, stride, seed
+    key = seed_key(seed) if stochastic else 0
     return index.row_offset, index.col_offset, stride, key - (1 << 32) if key >= 1 << 31 else key
 
 

@@ -5,6 +5,7 @@
         fourbit.nn.set_progress(model, step / total)  # only recipes with switch_to_bf16_at need it
         ...
     ckpt["rng"] = fourbit.nn.rng_state(model)         # stochastic-rounding counters, with the checkpoint
+    fourbit.nn.use_device_seeds(model)                # counters on the GPU, for CUDA-graph capture
 """
 
 from .convert import (
@@ -18,6 +19,7 @@ from .convert import (
     set_progress,
     set_data_parallel,
     set_recipe,
+    use_device_seeds,
 )
 from .linear import DataParallel, QuantLinear
 from .qat import QATLinear, fake_quantize, qat
@@ -36,6 +38,7 @@ __all__ = [
     "rng_state",
     "load_rng_state",
     "quant_linears",
+    "use_device_seeds",
     "qat",
     "fake_quantize",
 ]

@@ -72,6 +72,7 @@ __all__ = [
     "Role",
     "DataParallel",
     "derive_seed",
+    "seed_base",
     "quantize_operand",
     "quantize_weight",
     "wgrad_inputs",
@@ -99,12 +100,25 @@ def _splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
+def seed_base(seed: int, layer_id: int) -> int:
+    """The step-independent part of a layer's seeds: ``h(h(seed) ^ layer)``."""
+    return _splitmix64(_splitmix64(seed & _M64) ^ (layer_id & _M64))
+
+
 def derive_seed(seed: int, layer_id: int, step: int, role: Role | int) -> int:
     """The stochastic-rounding seed of one operand: ``h(h(h(h(seed) ^ layer) ^ step) ^ role)`` in [0, 2^63)."""
-    h = _splitmix64(seed & _M64)
-    for v in (layer_id, step, int(role)):
+    h = seed_base(seed, layer_id)
+    for v in (step, int(role)):
         h = _splitmix64(h ^ (v & _M64))
     return h >> 1  # 63 bits: a non-negative int64 for kernels
+
+
+def operand_seed(seed: int, layer_id: int, step: "int | torch.Tensor", role: Role | int) -> "int | torch.Tensor":
+    """``derive_seed``; or, with device seeds (``step`` is the layer's int32 keys from ``kernels.seed_keys``),
+    the role's key in device memory, which the kernels read as they run (``kernels.tl_formats.sr_args``)."""
+    if isinstance(step, torch.Tensor):
+        return step[int(role)]
+    return derive_seed(seed, layer_id, step, role)
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,11 +199,12 @@ def _shares_weight(recipe: Recipe) -> bool:
 
 
 def quantize_weight(
-    w: torch.Tensor, recipe: Recipe, *, layer_id: int = 0, step: int = 0, dgrad: bool = True, dequantized: bool = False
+    w: torch.Tensor, recipe: Recipe, *, layer_id: int = 0, step: int | torch.Tensor = 0, dgrad: bool = True,
+    dequantized: bool = False
 ) -> tuple[QuantizedTensor | torch.Tensor, QuantizedTensor | torch.Tensor | None]:
     """(W as fprop's B operand (N, K), W^T as dgrad's B operand (K, N) or None if ``dgrad`` is False)."""
     def seed(role):
-        return derive_seed(recipe.seed, layer_id, step, role)
+        return operand_seed(recipe.seed, layer_id, step, role)
 
     w_f = quantize_operand(w, recipe.fprop.b, seed=seed(Role.FPROP_W), dequantized=dequantized)
     if not dgrad:
@@ -263,7 +278,7 @@ class _QuantLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, recipe: Recipe, layer_id: int, step: int, parallel, out_dtype: torch.dtype):
         # x (M, K), weight (N, K) -> y (M, N) in out_dtype; M is this rank's share of the tokens
         def seed(role):
-            return derive_seed(recipe.seed, layer_id, step, role)
+            return operand_seed(recipe.seed, layer_id, step, role)
 
         fast = _emulates(recipe, x, weight)
         # x's fprop and wgrad operands from one kernel where it applies (wgrad then needs no copy of x)
@@ -298,7 +313,7 @@ class _QuantLinearFunction(torch.autograd.Function):
             (x, weight), qx_t = ctx.saved_tensors, None  # (M, K), (N, K)
 
         def seed(role):
-            return derive_seed(recipe.seed, ctx.layer_id, ctx.step, role)
+            return operand_seed(recipe.seed, ctx.layer_id, ctx.step, role)
 
         dx = dw = None
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -361,7 +376,7 @@ def _wgrad_operand(t, op: OperandQuant, role: Role, recipe: Recipe, seed, parall
     )  # fmt: skip
 
 
-def _dual_operands(t, row: OperandQuant, col: OperandQuant, recipe: Recipe, row_seed: int, col_seed: int,
+def _dual_operands(t, row: OperandQuant, col: OperandQuant, recipe: Recipe, row_seed, col_seed,
                    parallel: DataParallel | None):  # fmt: skip
     """(rowwise operand, wgrad operand) of ``t`` (tokens, features) as ``Dequantized`` from one kernel
     (``fourbit.kernels.quantize_dual``), the same numbers as ``quantize_operand`` and ``_wgrad_operand``;
@@ -378,7 +393,7 @@ def _dual_operands(t, row: OperandQuant, col: OperandQuant, recipe: Recipe, row_
         amax = kernels.dual_amax(t, row.scheme, transform)
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=parallel.group)
 
-    def op(q: OperandQuant, seed: int, index):
+    def op(q: OperandQuant, seed, index):
         stochastic = q.rounding is Rounding.STOCHASTIC
         return kernels.DualOperand(q.rounding, seed if stochastic else None, index if stochastic else None)
 
@@ -409,13 +424,37 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def _stochastic(recipe: Recipe) -> bool:
+    return any(op.rounding is Rounding.STOCHASTIC for g in (recipe.fprop, recipe.dgrad, recipe.wgrad) for op in (g.a, g.b))
+
+
+def _advance_step(module: "QuantLinear", recipe: Recipe) -> "int | torch.Tensor":
+    """This forward's step (an int, or with device seeds its six keys on the device), advancing the counter
+    once per training forward whatever the recipe, so the SR stream never depends on the late switch."""
+    advance = module.training and torch.is_grad_enabled()
+    counter = module._step_counter
+    if counter is None:
+        step = module._step
+        if advance:
+            module._step += 1
+        return step
+    if counter.device != module.weight.device:
+        raise RuntimeError(f"QuantLinear: the device step counter is on {counter.device}, the weight on "
+                           f"{module.weight.device}; call fourbit.nn.use_device_seeds after moving the model")  # fmt: skip
+    if recipe.quantized and _stochastic(recipe):
+        from .. import kernels
+
+        return kernels.seed_keys(counter, seed_base(recipe.seed, module.layer_id), advance)
+    if advance:
+        counter.add_(1)
+    return 0  # nothing is stochastically rounded: no seed is read
+
+
 @torch.compiler.disable
 def _quant_forward(module: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
     """Runs eagerly under torch.compile: quantization is data-dependent and the step counter is Python state."""
-    step = module.step
-    if module.training and torch.is_grad_enabled():
-        module.step += 1  # one step per training forward, whatever the recipe: the SR stream advances
     recipe = module.recipe.at(module.progress)
+    step = _advance_step(module, recipe)
     if not recipe.quantized or x.numel() == 0:  # no tokens: nothing to quantize, every grad is exactly 0
         return F.linear(x, module.weight, module.bias)
     if x.shape[-1] != module.in_features:
@@ -440,7 +479,8 @@ class QuantLinear(nn.Linear):
 
     recipe    a ``Recipe`` or a name from ``fourbit.recipes.RECIPES``
     layer_id  part of the stochastic-rounding seed (``fourbit.nn.convert`` numbers the linears of a model)
-    step      training forwards so far (advanced automatically; saved by ``fourbit.nn.rng_state``)
+    step      training forwards so far (advanced automatically; saved by ``fourbit.nn.rng_state``); a host int,
+              or with ``fourbit.nn.use_device_seeds`` a counter in device memory (reading it syncs)
     progress  training progress in [0, 1] for the recipe's late switch (``fourbit.nn.set_progress``)
     parallel  ``DataParallel`` for amax reductions and global SR indices (``fourbit.nn.set_data_parallel``)
     """
@@ -459,9 +499,23 @@ class QuantLinear(nn.Linear):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.recipe = recipe
         self.layer_id = layer_id
-        self.step = 0
+        self._step_counter: torch.Tensor | None = None  # fourbit.nn.use_device_seeds
+        self._step = 0
         self.progress: float | None = None
         self.parallel: DataParallel | None = None  # set by fourbit.nn.set_data_parallel
+
+    @property
+    def step(self) -> int:
+        counter = self._step_counter
+        return self._step if counter is None else int(counter)
+
+    @step.setter
+    def step(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"QuantLinear.step must be a non-negative int, got {value!r}")
+        self._step = value
+        if self._step_counter is not None:
+            self._step_counter.fill_(value)
 
     @property
     def recipe(self) -> Recipe:
