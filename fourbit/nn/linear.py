@@ -45,7 +45,9 @@ this layer's training forwards (``module.training`` and grad enabled) and is sav
 ``fourbit.nn.rng_state`` / ``load_rng_state``, so a resumed run continues the same random stream.
 Every forward with grad enabled in training mode counts: micro-batches of gradient accumulation get
 distinct seeds, and activation checkpointing's recomputed forward advances the counter once more
-(still deterministic, but the backward then uses the recomputation's seeds).
+(still deterministic, but the backward then uses the recomputation's seeds). With
+``fourbit.nn.use_device_seeds`` the counter lives in device memory and each forward computes its six keys
+there (``kernels.seed_keys``, the same keys), so a CUDA graph of the training step draws new bits per replay.
 """
 
 from __future__ import annotations
