@@ -291,17 +291,19 @@ def test_cuda_graph_options_are_checked_up_front(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("recipe", ["bf16", "nvfp4"], ids=["bf16", "nvfp4-sr-rht"])
+@pytest.mark.parametrize("recipe", ["bf16", "nvfp4", "nvfp4+late-bf16"], ids=["bf16", "nvfp4-sr-rht", "late-switch"])
 def test_cuda_graph_run_matches_eager_run_and_resumes(recipe, tmp_path):
     """``--cuda-graph`` end to end: 2 eager steps, a capture, replays. Its losses equal the eager run's
     (the capturable AdamW reads the same float32 LR the fused eager one rounds to; the SR seeds come from
     device counters that give the host's keys), and a Ctrl-C + resume reproduces the uninterrupted graphed
-    run bit for bit (the device counters are saved through rng_state). Math attention: deterministic."""
+    run bit for bit (the device counters are saved through rng_state). The late switch (at step 18 of 20)
+    makes the graphed run capture a second graph, with the BF16 forward. Math attention: deterministic."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    steps = 20 if "late" in recipe else 8  # the switch at step 18: one eager step, then a second capture
     with sdpa_kernel(SDPBackend.MATH):
-        eager = ht.train(tiny_cfg(recipe=recipe, device="cuda"), tmp_path / "eager", progress=False)
-        cfg = tiny_cfg(recipe=recipe, device="cuda", cuda_graph=True)
+        eager = ht.train(tiny_cfg(recipe=recipe, device="cuda", steps=steps), tmp_path / "eager", progress=False)
+        cfg = tiny_cfg(recipe=recipe, device="cuda", cuda_graph=True, steps=steps)
         whole = ht.train(cfg, tmp_path / "whole", progress=False)
 
         def ctrl_c_at_3(step):
@@ -319,4 +321,4 @@ def test_cuda_graph_run_matches_eager_run_and_resumes(recipe, tmp_path):
             if g[k] is not None:
                 assert g[k] == pytest.approx(e[k], rel=1e-6, abs=0), (k, g, e)
     a = torch.load(tmp_path / "cut" / ht.CHECKPOINT, weights_only=True)
-    assert a["fourbit_rng"] is None or all(s["step"] == 8 for s in a["fourbit_rng"].values())
+    assert a["fourbit_rng"] is None or all(s["step"] == steps for s in a["fourbit_rng"].values())
