@@ -72,18 +72,19 @@ def test_compiled_quantized_model_trains_like_eager():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("recipe", ["nvfp4", "nvfp4-no-rht", "mxfp4", "fp8"])
+@pytest.mark.parametrize("recipe", ["nvfp4", "nvfp4-no-rht", "mxfp4", "fp8", "nvfp4+late-bf16"])
 def test_graphed_step_equals_eager_steps_bit_for_bit(recipe):
     """A training step captured in a CUDA graph (``GraphedTrainStep``: device SR counters, capturable AdamW
     with a tensor LR) gives the same weights, bit for bit, as the same steps run eagerly with host seeds, over
-    six steps with a changing batch and LR: each replay draws new stochastic-rounding bits (a frozen seed
-    would repeat the captured step's bits and drift from the eager run after the capture)."""
+    ten steps with a changing batch and LR: each replay draws new stochastic-rounding bits (a frozen seed
+    would repeat the captured step's bits and drift from the eager run after the capture). With the late
+    switch (at step 8 here) the graphed step runs one eager step and captures a second graph."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from fourbit.harness.graphs import GraphedTrainStep
     from fourbit.harness.model import get_preset
     from fourbit.harness.train import build_model, make_optimizer, resolve_recipe, train_config, train_step
-    from fourbit.nn import quant_linears
+    from fourbit.nn import quant_linears, set_progress
 
     device = torch.device("cuda")
     cfg = train_config("tiny", recipe=recipe, cuda_graph=True)
@@ -96,13 +97,14 @@ def test_graphed_step_equals_eager_steps_bit_for_bit(recipe):
         g = torch.Generator(device="cuda").manual_seed(1)
         out = []
         with sdpa_kernel(SDPBackend.MATH):  # deterministic attention backward
-            for i in range(6):
+            for i in range(10):
+                set_progress(m, min(1.0, i / 8))  # nvfp4+late-bf16 switches at 0.9: step 8
                 x = torch.randint(0, gcfg.vocab_size, (4, gcfg.block_size), device=device, generator=g)
                 loss, _ = step(m, opt, x, torch.roll(x, -1, 1), 1e-3 * (i + 1), 1.0, device)
                 out.append(float(loss))
         if graphed:
-            assert step.captures == 1
-            assert all(ql.step == 6 for _, ql in quant_linears(m))  # the device counters
+            assert step.captures == (2 if "late" in recipe else 1)
+            assert all(ql.step == 10 for _, ql in quant_linears(m))  # the device counters
         weights.append([p.detach().clone() for p in m.parameters()])
         losses.append(out)
     assert losses[0] == losses[1]

@@ -69,6 +69,9 @@ class GraphedTrainStep:
             self.eager_left = max(self.eager_left, 1)
         if self.graph is None and self.eager_left:
             self.eager_left -= 1
+            # after replays the grads are the graph's static tensors, holding the last replay's values:
+            # an eager backward would add to them
+            opt.zero_grad(set_to_none=True)
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
