@@ -29,7 +29,7 @@ rowwise ``quantize(t)`` and the columnwise ``quantize_wgrad(t)``, from one amax 
 ``QuantLinear`` uses it when ``DUAL_OPERANDS`` is true: off by default, as it did not shorten the measured
 training step (benchmarks/RESULTS.md, "CUDA graphs").
 
-``seed_keys(base, counter, advance)`` computes a layer's six stochastic-rounding keys from a step counter in
+``seed_keys(counter, base, advance)`` computes a layer's six stochastic-rounding keys from a step counter in
 device memory (``seeds``); every quantize kernel takes a key as an int or as such a one-element device
 tensor. ``fourbit.nn.use_device_seeds`` switches ``QuantLinear`` to it, so a training step can be captured
 in a CUDA graph and replayed with fresh random bits (``fourbit.harness.graphs``).
@@ -99,7 +99,7 @@ def seed_keys(counter: torch.Tensor, base: int, advance: bool) -> torch.Tensor:
     ``counter += 1`` if ``advance``. One launch; no host sync."""
     from .seeds import seed_keys as _seed_keys
 
-    return _seed_keys(base, counter, advance)
+    return _seed_keys(counter, base, advance)
 
 
 @on_operand_device

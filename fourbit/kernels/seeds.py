@@ -53,7 +53,7 @@ def _seed_keys_kernel(counter_ptr, keys_ptr, base, GOLDEN: tl.constexpr, ADVANCE
         tl.store(counter_ptr, step + 1)
 
 
-def seed_keys(base: int, counter: torch.Tensor, advance: bool) -> torch.Tensor:
+def seed_keys(counter: torch.Tensor, base: int, advance: bool) -> torch.Tensor:
     """The six roles' int32 keys for the step in ``counter`` (int64, one element), from ``base`` =
     ``h(h(seed) ^ layer)`` (``fourbit.nn.linear.seed_base``); then ``counter += 1`` if ``advance``."""
     if counter.dtype != torch.int64 or counter.numel() != 1:
