@@ -116,19 +116,24 @@ def _losses(run_dir):
     return [{k: v for k, v in m.items() if k not in TIMING} for m in ht.read_metrics(run_dir)]
 
 
-@pytest.mark.parametrize("recipe", ["bf16", "nvfp4"], ids=["bf16", "nvfp4-sr-rht"])
-def test_ctrl_c_then_resume_reproduces_uninterrupted_run(recipe, tmp_path):
-    if recipe != "bf16":
-        pytest.importorskip("fourbit.nn")
-    cfg = tiny_cfg(recipe=recipe)
-    whole = ht.train(cfg, tmp_path / "whole", progress=False)
+def _train_interrupted_at_3(cfg, out):
+    """Train into ``out`` with a Ctrl-C (SIGINT) sent after step 3: the run saves and raises."""
 
     def ctrl_c_at_3(step):
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
-        ht.train(cfg, tmp_path / "cut", progress=False, callback=ctrl_c_at_3)
+        ht.train(cfg, out, progress=False, callback=ctrl_c_at_3)
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "nvfp4"], ids=["bf16", "nvfp4-sr-rht"])
+def test_ctrl_c_then_resume_reproduces_uninterrupted_run(recipe, tmp_path):
+    if recipe != "bf16":
+        pytest.importorskip("fourbit.nn")
+    cfg = tiny_cfg(recipe=recipe)
+    whole = ht.train(cfg, tmp_path / "whole", progress=False)
+    _train_interrupted_at_3(cfg, tmp_path / "cut")
     ck = torch.load(tmp_path / "cut" / ht.CHECKPOINT, weights_only=True)
     assert ck["step"] == 3  # stopped at the step boundary after the signal
     assert [m["step"] for m in ht.read_metrics(tmp_path / "cut")] == [0, 2]
@@ -305,13 +310,7 @@ def test_cuda_graph_run_matches_eager_run_and_resumes(recipe, tmp_path):
         eager = ht.train(tiny_cfg(recipe=recipe, device="cuda", steps=steps), tmp_path / "eager", progress=False)
         cfg = tiny_cfg(recipe=recipe, device="cuda", cuda_graph=True, steps=steps)
         whole = ht.train(cfg, tmp_path / "whole", progress=False)
-
-        def ctrl_c_at_3(step):
-            if step == 3:
-                os.kill(os.getpid(), signal.SIGINT)
-
-        with pytest.raises(KeyboardInterrupt):
-            ht.train(cfg, tmp_path / "cut", progress=False, callback=ctrl_c_at_3)
+        _train_interrupted_at_3(cfg, tmp_path / "cut")
         ht.train(cfg, tmp_path / "cut", resume=True, progress=False)
     assert _losses(tmp_path / "cut") == _losses(whole)
     graphed, plain = _losses(whole), _losses(eager)
