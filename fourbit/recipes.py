@@ -245,6 +245,11 @@ class Recipe:
         """Whether any GEMM quantizes anything (False for bf16: the layer is plain ``F.linear``)."""
         return any(g.quantized for g in self.gemms.values())
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether any operand is stochastically rounded (its layers then need SR seeds each step)."""
+        return any(op.rounding is Rounding.STOCHASTIC for g in self.gemms.values() for op in (g.a, g.b))
+
     def feature_multiple(self) -> int:
         """in_features and out_features must be multiples of this (every block dim of every operand).
 

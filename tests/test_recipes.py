@@ -171,3 +171,18 @@ def test_unknown_recipe_lists_known():
 def test_bad_values_raise(build):
     with pytest.raises((ValueError, TypeError)):
         build()
+
+
+def test_stochastic_says_whether_any_operand_is_stochastically_rounded():
+    """``Recipe.stochastic`` (whether layers need SR seeds): true exactly when some operand of some GEMM rounds
+    stochastically; switching SR off in the NVFP4 recipe's one place makes it false."""
+    import dataclasses
+
+    from fourbit.recipes import OperandQuant, get_recipe, nvfp4
+    from fourbit.rounding import Rounding
+
+    assert nvfp4().stochastic and not nvfp4(sr=False).stochastic
+    assert not get_recipe("bf16").stochastic and not get_recipe("fp8").stochastic
+    fp8 = get_recipe("fp8")
+    sr_dy = dataclasses.replace(fp8.dgrad, a=OperandQuant(fp8.dgrad.a.scheme, Rounding.STOCHASTIC))
+    assert dataclasses.replace(fp8, dgrad=sr_dy).stochastic

@@ -24,12 +24,6 @@ import torch
 __all__ = ["GraphedTrainStep"]
 
 
-def _fnn():
-    from .. import nn as fnn
-
-    return fnn
-
-
 class GraphedTrainStep:
     """``train_step(model, opt, x, y, lr, grad_clip, device)`` with the same math, captured after ``warmup``
     eager steps and replayed. The returned loss and grad-norm tensors are the graph's own outputs: read or
@@ -44,9 +38,11 @@ class GraphedTrainStep:
             if not isinstance(group["lr"], torch.Tensor) or not group.get("capturable", False):
                 raise ValueError("GraphedTrainStep needs a capturable optimizer with a tensor learning rate "
                                  "(make_optimizer(..., capturable=True))")  # fmt: skip
-        self.model, self.opt, self.device, self.warmup = model, opt, device, warmup
-        self.layers = [m for _, m in _fnn().quant_linears(model)]
-        _fnn().use_device_seeds(model)
+        from .. import nn as fnn
+
+        self.model, self.opt, self.device = model, opt, device
+        self.layers = [m for _, m in fnn.quant_linears(model)]
+        fnn.use_device_seeds(model)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_left = warmup
         self.phase: tuple | None = None

@@ -426,10 +426,6 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-def _stochastic(recipe: Recipe) -> bool:
-    return any(op.rounding is Rounding.STOCHASTIC for g in (recipe.fprop, recipe.dgrad, recipe.wgrad) for op in (g.a, g.b))
-
-
 def _advance_step(module: "QuantLinear", recipe: Recipe) -> "int | torch.Tensor":
     """This forward's step (an int, or with device seeds its six keys on the device), advancing the counter
     once per training forward whatever the recipe, so the SR stream never depends on the late switch."""
@@ -443,7 +439,7 @@ def _advance_step(module: "QuantLinear", recipe: Recipe) -> "int | torch.Tensor"
     if counter.device != module.weight.device:
         raise RuntimeError(f"QuantLinear: the device step counter is on {counter.device}, the weight on "
                            f"{module.weight.device}; call fourbit.nn.use_device_seeds after moving the model")  # fmt: skip
-    if recipe.quantized and _stochastic(recipe):
+    if recipe.stochastic:  # (an unquantized operand is never stochastically rounded)
         from .. import kernels
 
         return kernels.seed_keys(counter, seed_base(recipe.seed, module.layer_id), advance)
