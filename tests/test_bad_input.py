@@ -1,6 +1,9 @@
 """Caller mistakes raise clear errors; nothing is silent."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -66,6 +69,16 @@ def test_scalars_and_cuda_only_options_on_cpu():
         fourbit.quantize(torch.tensor(1.0), "nvfp4")
     with pytest.raises(ValueError, match="needs a CUDA tensor"):
         fourbit.quantize(torch.randn(16), "nvfp4", backend="triton")
+
+
+def test_device_seed_keys_need_a_cuda_counter():
+    """``kernels.seed_keys`` runs on the GPU (or under Triton's interpreter): a CPU step counter is a clear
+    error, not Triton's driver message. In a fresh process, as the interpreter tests set TRITON_INTERPRET."""
+    pytest.importorskip("triton")
+    code = "import torch; from fourbit.kernels import seed_keys; seed_keys(torch.zeros(1, dtype=torch.int64), 5, True)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "the step counter must be a CUDA tensor" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

@@ -58,6 +58,9 @@ def seed_keys(counter: torch.Tensor, base: int, advance: bool) -> torch.Tensor:
     ``h(h(seed) ^ layer)`` (``fourbit.nn.linear.seed_base``); then ``counter += 1`` if ``advance``."""
     if counter.dtype != torch.int64 or counter.numel() != 1:
         raise ValueError(f"seed_keys: the step counter must be one int64 element, got {counter.dtype} {tuple(counter.shape)}")
+    if not counter.is_cuda and isinstance(_seed_keys_kernel, triton.runtime.jit.JITFunction):  # (not interpreted)
+        raise ValueError(f"seed_keys: the step counter must be a CUDA tensor (device seeds live in GPU memory), "
+                         f"got one on {counter.device}")  # fmt: skip
     if not 0 <= base < 1 << 64:
         raise ValueError(f"seed_keys: base must be a 64-bit unsigned int, got {base}")
     keys = torch.empty(N_ROLES, dtype=torch.int32, device=counter.device)
