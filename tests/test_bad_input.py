@@ -81,6 +81,13 @@ def test_device_seed_keys_need_a_cuda_counter():
     assert proc.returncode != 0 and "the step counter must be a CUDA tensor" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_dequantized_mm_takes_dequantized_operands():
+    from fourbit.kernels import dequantized_mm
+
+    with pytest.raises(TypeError, match="two Dequantized operands"):
+        dequantized_mm(torch.randn(16, 64), torch.randn(16, 64))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_inputs_quantize_their_exact_values(dtype):
     x = torch.randn(4, 32).to(dtype)

@@ -212,6 +212,9 @@ def dequantized_mm(a: Dequantized, b: Dequantized, *, out_dtype: torch.dtype = t
     a multiple of the GEMM's K step (``dequant_gemm.K_ALIGN``)."""
     from .dequant_gemm import K_ALIGN, scaled_gemm
 
+    if not isinstance(a, Dequantized) or not isinstance(b, Dequantized):
+        raise TypeError(f"dequantized_mm takes two Dequantized operands (quantize_dequantized), got "
+                        f"{type(a).__name__} and {type(b).__name__}")  # fmt: skip
     K = a.values.shape[1]
     if b.values.shape[1] != K:
         raise ValueError(f"dequantized_mm: K differs, {tuple(a.values.shape)} vs {tuple(b.values.shape)}")
