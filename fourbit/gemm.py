@@ -7,10 +7,10 @@ tensor cores consume them (every scale block lies inside one K slice):
     b: (N, K)  QuantizedTensor or Tensor
     out = a @ b^T  float32 (M, N)
 
-Reference: dequantize both to float32 and multiply with float32 accumulation (``torch.matmul``), or under
-a limited-precision ``Accumulation`` model when one is given. A fast path (``fourbit.kernels.qmm``) is
-tried first where it exists (both operands quantized on a CUDA device, float32 accumulation); it returns
-None for cases it does not cover.
+Two quantized operands with float32 accumulation go through the ``fourbit::qmm`` op (``fourbit.ops``): a
+kernel on CUDA where one covers the pair (NVFP4, MX, FP8 on ``scaled_mm``), else the reference, which
+dequantizes both to float32 and multiplies with float32 accumulation. A limited-precision
+``Accumulation`` model, or an unquantized operand, takes that reference here directly.
 
 ``transpose(q)`` gives the quantized ``W^T`` of a weight quantized with square 2D blocks (or one scale per
 tensor) without quantizing again: the blocks of ``W^T`` are those of ``W`` transposed, so the codes and
@@ -24,8 +24,9 @@ from dataclasses import replace
 
 import torch
 
+from . import ops
 from .packing import pack_fp4
-from .quantize import QuantizedTensor
+from .qtensor import QuantizedTensor
 
 __all__ = ["qmm", "transpose", "dequantize_operand"]
 
@@ -64,17 +65,9 @@ def qmm(
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"qmm: reduction dims differ, a {tuple(a.shape)} vs b {tuple(b.shape)} (both (rows, K))")
 
-    # ---- fast-path dispatch: a GPU kernel, if fourbit.kernels provides one for this case --------------
     quantized = isinstance(a, QuantizedTensor) and isinstance(b, QuantizedTensor)
-    if accumulation is None and quantized and a.data.is_cuda and b.data.is_cuda:
-        from . import kernels
-
-        fast = getattr(kernels, "qmm", None)
-        if fast is not None:
-            out = fast(a, b, out_dtype=out_dtype)
-            if out is not None:
-                return out
-    # ---- reference -----------------------------------------------------------------------------------
+    if accumulation is None and quantized:
+        return ops.qmm(a, b, out_dtype)  # the kernel on CUDA where one covers the pair, else the reference
     a_hp, b_hp = dequantize_operand(a), dequantize_operand(b)  # (M, K), (N, K) float32
     if accumulation is not None:
         return accumulation.matmul(a_hp, b_hp).to(out_dtype)

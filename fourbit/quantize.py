@@ -10,23 +10,26 @@ tile it, ``bc`` along the last dim. Scales have shape ``(*leading, C/bc)`` for 1
 ``(R/br, C/bc)`` for 2D blocks. Stochastic rounding draws ``random_bits(seed, r * C + c)`` for the element
 at row ``r``, column ``c``, so results do not depend on device or chunking.
 
-Dispatch: ``backend="auto"`` uses a fused kernel from ``fourbit.kernels`` for CUDA inputs where one exists
-and the plain-PyTorch reference (the ground truth, bit-exact with the kernels) otherwise.
+Dispatch happens in one place, the ``fourbit::quantize`` custom op (``fourbit.ops``): a fused kernel for CUDA
+inputs where one exists, the plain-PyTorch reference (the ground truth, bit-exact with the kernels)
+otherwise, and a fake implementation so ``torch.compile`` traces through (pass ``check_finite=False``
+inside a compiled function: the check reads one number back to the host).
+
+``check_finite`` costs one read of ``x``: the same reduction gives the per-tensor amax that NVFP4 and FP8
+need, which is then handed to the quantize pass instead of measured again.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import torch
-import torch.nn.functional as F
 
-from .fp8 import dequantize_fp8, quantize_fp8
-from .mx import dequantize_mx, quantize_mx
-from .nvfp4 import dequantize_nvfp4, quantize_nvfp4
-from .packing import pack_fp4, unpack_fp4
-from .rounding import ElementIndex, Rounding, random_bits
-from .schemes import FP8Config, MXConfig, NVFP4Config, SchemeConfig, resolve_scheme
+from . import ops
+from ._fp32 import F32_MAX
+from .qtensor import QuantizedTensor
+from .rounding import ElementIndex, Rounding
+from .schemes import FP8Config, NVFP4Config, SchemeConfig, resolve_scheme
 
 __all__ = ["QuantizedTensor", "quantize", "BACKENDS"]
 
@@ -34,85 +37,50 @@ BACKENDS = ("auto", "reference", "triton")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-@dataclass
-class QuantizedTensor:
-    """Codes, scales and what is needed to dequantize them.
-
-    data          uint8; FP4 packs two codes per byte (element 2i in the low nibble), others one per byte.
-                  Shape ``(*leading, C/2)`` for FP4 or ``(*leading, C)``, C padded to the block if ``pad``.
-    scales        NVFP4: float8_e4m3fn; MX: float8_e8m0fnu; FP8: float32 decode scales.
-    tensor_scale  NVFP4: float32 per-tensor decode scale ``s_dec``; None otherwise.
-    """
-
-    data: torch.Tensor
-    scales: torch.Tensor
-    tensor_scale: torch.Tensor | None
-    config: SchemeConfig
-    shape: torch.Size
-    dtype: torch.dtype
-
-    @property
-    def scheme(self) -> str:
-        return self.config.name
-
-    @property
-    def block(self) -> tuple[int, int] | None:
-        return self.config.block
-
-    @property
-    def packed(self) -> bool:
-        return self.config.elem.bits == 4
-
-    def codes(self) -> torch.Tensor:
-        """Element codes, one per byte, as a padded matrix (R, C)."""
-        codes = unpack_fp4(self.data) if self.packed else self.data
-        return codes.reshape(-1, codes.shape[-1])
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        codes = self.codes()
-        if isinstance(self.config, NVFP4Config):
-            x = dequantize_nvfp4(codes, self._scales2d(codes), self.tensor_scale, self.config.block)
-        elif isinstance(self.config, MXConfig):
-            x = dequantize_mx(codes, self._scales2d(codes), self.config)
-        else:
-            scales = self.scales if self.config.block is None else self._scales2d(codes)
-            x = dequantize_fp8(codes, scales, self.config)
-        rows = self.shape.numel() // self.shape[-1] if len(self.shape) else 1
-        x = x[:rows, : self.shape[-1]] if len(self.shape) else x
-        return x.reshape(self.shape).to(dtype)
-
-    def _scales2d(self, codes: torch.Tensor) -> torch.Tensor:
-        br, bc = self.config.block
-        return self.scales.reshape(codes.shape[0] // br, codes.shape[1] // bc)
-
-    @property
-    def nbytes(self) -> int:
-        n = self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
-        return n + (4 if self.tensor_scale is not None else 0)
-
-    def __repr__(self) -> str:
-        return (
-            f"QuantizedTensor(scheme={self.scheme!r}, block={self.block}, shape={tuple(self.shape)}, "
-            f"dtype={self.dtype}, data={tuple(self.data.shape)} uint8, scales={tuple(self.scales.shape)} "
-            f"{self.scales.dtype})"
-        )
-
-
-def _check_input(x: torch.Tensor, check_finite: bool) -> None:
+def _check_input(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"quantize expects a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"quantize expects a float32/bfloat16/float16 tensor, got {x.dtype}")
+        raise TypeError(f"quantize expects a float32/bfloat16/float16/float64 tensor, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("quantize expects at least one dim, got a scalar")
-    # one reduction decides (amax is NaN or Inf exactly when some element is); count only on failure
-    if check_finite and x.numel() and not bool(torch.isfinite(x.abs().amax())):
+    if x.numel() == 0:
+        raise ValueError(f"quantize expects a non-empty tensor, got shape {tuple(x.shape)}")
+
+
+def _measured_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as float32 in one read (no |x| copy), raising on NaN/Inf or, for float64, beyond float32's range.
+
+    NaN or Inf anywhere makes the max NaN or Inf, so one reduction decides; elements are counted only then.
+    """
+    amax = torch.linalg.vector_norm(x, ord=math.inf)  # (), x's dtype: the exact max |x|
+    value = float(amax)  # the one host read of the check
+    if not math.isfinite(value):
         bad = int((~torch.isfinite(x)).sum())
-        if bad:
-            raise ValueError(
-                f"input holds {bad} non-finite value(s) (NaN/Inf); pass check_finite=False to quantize anyway "
-                "(non-finite blocks then dequantize to NaN)"
-            )
+        raise ValueError(
+            f"input holds {bad} non-finite value(s) (NaN/Inf); pass check_finite=False to quantize anyway "
+            "(non-finite blocks then dequantize to NaN)"
+        )
+    if value > F32_MAX:
+        raise ValueError(f"input's max |x| = {value:.4g} exceeds float32's range ({F32_MAX:.4g}); every scale is "
+                         "computed in float32, so such a tensor has no faithful encoding")  # fmt: skip
+    return amax.float()
+
+
+def _check_amax(amax: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """A user-given per-tensor amax: one finite, non-negative number (a tensor is checked unless compiling)."""
+    if isinstance(amax, torch.Tensor):
+        if amax.numel() != 1 or not amax.is_floating_point():
+            raise ValueError(f"amax must be one floating-point number, got {amax.dtype} {tuple(amax.shape)}")
+        t = amax.to(device=device, dtype=torch.float32).reshape(())
+        if not torch.compiler.is_compiling():
+            value = float(t)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"amax must be finite and >= 0, got {value}")
+        return t
+    if isinstance(amax, bool) or not isinstance(amax, (int, float)) or not math.isfinite(amax) or amax < 0:
+        raise ValueError(f"amax must be a finite number >= 0 (or a tensor holding one), got {amax!r}")
+    return torch.tensor(float(amax), dtype=torch.float32, device=device)
 
 
 def _padding(shape: torch.Size, block: tuple[int, int] | None, pad: bool, scheme: str) -> tuple[int, int]:
@@ -129,13 +97,6 @@ def _padding(shape: torch.Size, block: tuple[int, int] | None, pad: bool, scheme
             f"{scheme}: shape {tuple(shape)} is not divisible by block {block} ({what}); pass pad=True to zero-pad"
         )
     return pr, pc
-
-
-def _as_matrix(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-    """(*leading, C) -> float32 (R, C), zero-padded by ``padding`` = (rows, cols)."""
-    x2 = x.reshape(-1, x.shape[-1]).float()
-    pr, pc = padding
-    return F.pad(x2, (0, pc, 0, pr)) if pr or pc else x2
 
 
 def quantize(
@@ -172,40 +133,17 @@ def quantize(
     per_tensor = isinstance(config, NVFP4Config) or (isinstance(config, FP8Config) and config.block is None)
     if amax is not None and not per_tensor:
         raise ValueError(f"amax= applies to schemes with a per-tensor scale (nvfp4, fp8), not {config.name}")
-    _check_input(x, check_finite)
-    padding = _padding(x.shape, config.block, pad, config.name)
-    if rounding is Rounding.STOCHASTIC and seed is None:
+    _check_input(x)
+    _padding(x.shape, config.block, pad, config.name)
+    stochastic = rounding is Rounding.STOCHASTIC
+    if stochastic and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()))
-
-    if backend != "reference":
-        from . import kernels
-
-        q = kernels.quantize(
-            x, config, rounding=rounding, seed=seed, amax=amax, pad=pad, backend=backend, sr_index=sr_index
-        )
-        if q is not None:
-            return q
-
-    x2 = _as_matrix(x, padding)
-    bits = None
-    if rounding is Rounding.STOCHASTIC:
-        R, C = x2.shape
-        index = (sr_index or ElementIndex()).flat(R, C, x.shape[-1], device=x2.device)
-        bits = random_bits(seed, index)
-
-    tensor_scale = None
-    amax_t = None if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=x2.device)
-    if isinstance(config, NVFP4Config):
-        codes, scales, tensor_scale = quantize_nvfp4(x2, config, rounding, bits, amax_t)
-    elif isinstance(config, MXConfig):
-        codes, scales = quantize_mx(x2, config, rounding, bits)
-    else:
-        codes, scales = quantize_fp8(x2, config, rounding, bits, amax_t)
-
-    lead = x.shape[:-1]
-    data = pack_fp4(codes) if config.elem.bits == 4 else codes
-    if config.block is None or config.block[0] == 1:
-        data = data.reshape(*lead, data.shape[-1])
-    if config.block is not None and config.block[0] == 1:
-        scales = scales.reshape(*lead, scales.shape[-1])
-    return QuantizedTensor(data, scales, tensor_scale, config, x.shape, x.dtype)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64):
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    amax_t = None if amax is None else _check_amax(amax, x.device)
+    if check_finite:
+        measured = _measured_amax(x)
+        if per_tensor and amax_t is None:
+            amax_t = measured  # the same max the quantize pass would measure: hand it over, read x once less
+    return ops.quantize(x, config, stochastic=stochastic, seed=seed or 0, amax=amax_t, sr_index=sr_index,
+                        backend=backend)  # fmt: skip

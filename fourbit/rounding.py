@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Rounding", "ElementIndex", "random_bits", "uniform24", "round_to_integer"]
+__all__ = ["Rounding", "ElementIndex", "random_bits", "random_bits_from_key", "seed_key", "seed_base", "derive_seed", "uniform24", "round_to_integer"]
 
 _MASK32 = 0xFFFFFFFF
 _HASH_MUL1 = 0x7FEB352D  # lowbias32 (C. Wellons): a well-mixed 32-bit integer hash
@@ -105,8 +105,13 @@ def random_bits(seed: int, index: torch.Tensor) -> torch.Tensor:
     if not isinstance(seed, int):
         hint = " (a seed key in device memory is read only by the Triton kernels)" if isinstance(seed, torch.Tensor) else ""
         raise TypeError(f"seed must be an int, got {type(seed).__name__}{hint}")
+    return random_bits_from_key(seed_key(seed), index)
+
+
+def random_bits_from_key(key: int, index: torch.Tensor) -> torch.Tensor:
+    """``random_bits`` for a seed's 32-bit key (``seed_key(seed)``, or a key the GPU computed)."""
     index = index.to(torch.int64)
-    h = _hash32((index & _MASK32) ^ seed_key(seed))
+    h = _hash32((index & _MASK32) ^ key)
     return _hash32(h ^ (index >> 32))
 
 
@@ -125,3 +130,29 @@ def round_to_integer(v: torch.Tensor, rounding: Rounding, random_bits: torch.Ten
     frac = v - lo  # exact in float32
     up = uniform24(random_bits) < frac
     return lo.to(torch.int64) + up.to(torch.int64)
+
+
+# --- per-operand seeds of a training run (fourbit.nn) -------------------------------------------------
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    """SplitMix64's finaliser (Steele et al. 2014): a bijective, well-mixed 64-bit integer hash."""
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def seed_base(seed: int, layer_id: int) -> int:
+    """The step-independent part of a layer's seeds: ``h(h(seed) ^ layer)``."""
+    return _splitmix64(_splitmix64(seed & _M64) ^ (layer_id & _M64))
+
+
+def derive_seed(seed: int, layer_id: int, step: int, role: int) -> int:
+    """The stochastic-rounding seed of one operand: ``h(h(h(h(seed) ^ layer) ^ step) ^ role)`` in [0, 2^63)."""
+    h = seed_base(seed, layer_id)
+    for v in (step, int(role)):
+        h = _splitmix64(h ^ (v & _M64))
+    return h >> 1  # 63 bits: a non-negative int64 for kernels

@@ -322,13 +322,14 @@ def test_step_counter_and_resume_continue_the_random_stream():
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_matches_eager(backend):
-    """The quantized region runs eagerly inside the compiled graph (torch.compiler.disable); losses agree."""
+    """A model of QuantLinears compiles whole (fullgraph): losses, grads and SR streams equal eager bit for bit.
+    (ReLU, not GELU, between them: Inductor's vectorised erf differs from ATen's in the last bit.)"""
     if backend == "inductor" and shutil.which("g++") is None and shutil.which("clang++") is None:
         pytest.skip("inductor on CPU needs a C++ compiler")
     torch.manual_seed(0)
-    model = torch.nn.Sequential(QuantLinear(64, 64, recipe="nvfp4"), torch.nn.GELU(), QuantLinear(64, 32, recipe="nvfp4"))
+    model = torch.nn.Sequential(QuantLinear(64, 64, recipe="nvfp4"), torch.nn.ReLU(), QuantLinear(64, 32, recipe="nvfp4"))
     twin = copy.deepcopy(model)
-    compiled = torch.compile(twin, backend=backend)
+    compiled = torch.compile(twin, backend=backend, fullgraph=True)
     x = torch.randn(16, 64)
     for _ in range(2):
         loss_e = model(x).pow(2).mean()

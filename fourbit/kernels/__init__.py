@@ -121,7 +121,7 @@ def quantize(x, config, *, rounding, seed, amax, pad, backend, sr_index=None):
         elif fp8_quantize.covers(config):
             out = fp8_quantize.quantize_fp8(x, config, rounding, seed, amax, pad, sr_index, strided=True)
         if out is not None:
-            from ..quantize import QuantizedTensor
+            from ..qtensor import QuantizedTensor
 
             return QuantizedTensor(*out, None, config, x.shape, x.dtype)
     why = _unsupported(config, x, rounding)
@@ -132,7 +132,7 @@ def quantize(x, config, *, rounding, seed, amax, pad, backend, sr_index=None):
     if amax is not None and isinstance(amax, torch.Tensor) and amax.device != x.device:
         amax = amax.to(x.device)
 
-    from ..quantize import QuantizedTensor
+    from ..qtensor import QuantizedTensor
     from .nvfp4_quantize import quantize_nvfp4
 
     data, scales, tensor_scale = quantize_nvfp4(x, config, rounding, seed, amax, pad, sr_index)
@@ -155,7 +155,7 @@ def quantize_swizzled(x, *, rounding="nearest", seed=None, amax=None, sr_index=N
     if x.dtype not in _KERNEL_DTYPES or x.numel() == 0:
         raise ValueError(f"quantize_swizzled takes a non-empty float32/bfloat16/float16 tensor, got {x.dtype} {tuple(x.shape)}")
     config = NVFP4Config()
-    _check_input(x, False)
+    _check_input(x)
     _padding(x.shape, config.block, pad, config.name)  # the same error as fourbit.quantize for a ragged last dim
     from .nvfp4_quantize import quantize_nvfp4
 
@@ -250,7 +250,7 @@ def quantize_wgrad(t, config, *, rounding, seed, transform=None, amax=None, sr_i
     (features, tokens') instead of a ``QuantizedTensor``."""
     if not _wgrad_kernel_applies(t, config, transform):
         return None
-    from ..quantize import QuantizedTensor
+    from ..qtensor import QuantizedTensor
     from .nvfp4_quantize import quantize_nvfp4_wgrad
 
     rounding = Rounding.parse(rounding)
@@ -310,7 +310,7 @@ def quantize_dual(t, config, row: DualOperand, col: DualOperand, *, transform=No
     ``QuantizedTensor``s."""
     if not dual_applies(t, config, transform):
         return None
-    from ..quantize import QuantizedTensor
+    from ..qtensor import QuantizedTensor
     from .nvfp4_dual import quantize_nvfp4_dual
 
     row = DualOperand(Rounding.parse(row.rounding), row.seed, row.sr_index)

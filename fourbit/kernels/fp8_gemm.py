@@ -51,7 +51,7 @@ def _round_up(n: int, m: int) -> int:
 
 def fp8_mm_unsupported(a, b) -> str | None:
     """Why ``fp8_mm`` cannot run ``a @ b^T`` on cuBLAS (None if it can)."""
-    from ..quantize import QuantizedTensor
+    from ..qtensor import QuantizedTensor
 
     if not (isinstance(a, QuantizedTensor) and isinstance(b, QuantizedTensor)):
         return "operands must be QuantizedTensors"

@@ -298,7 +298,7 @@ def _w4a16_fma_kernel(
 
 def _nvfp4_matrix(q, what: str):
     """(packed (Rp, Kp/2), scales (R/br, Kp/16) uint8, tensor_scale (1,), rows R, Kp, block rows) of an operand."""
-    from ..quantize import QuantizedTensor
+    from ..qtensor import QuantizedTensor
 
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"{what} must be a QuantizedTensor, got {type(q).__name__}")

@@ -266,24 +266,16 @@ def set_data_parallel(model: nn.Module, group=None) -> int:
 
 
 def use_device_seeds(model: nn.Module, enabled: bool = True) -> int:
-    """Keep every QuantLinear's stochastic-rounding step counter in device memory (or back on the host).
-
-    Needed to capture a training step in a CUDA graph: a graph freezes its kernels' scalar arguments, so
-    host-side seeds would repeat each replay. With device seeds each forward computes its layer's keys on
-    the GPU from the counter (``fourbit.kernels.seed_keys``, one launch) and the quantize kernels read them
-    there: the same keys, so the same bits, as the host seeds. CUDA parameters only. Returns the layer count.
-    """
+    """Check that every QuantLinear's stochastic-rounding step counter lives in CUDA memory, as a CUDA graph
+    needs (kept for callers of earlier versions: the counter is now always a buffer on the weight's device,
+    and on CUDA each forward computes its keys there). Returns the layer count."""
     layers = quant_linears(model)
     if enabled:
-        off_gpu = [name for name, m in layers if m.weight.device.type != "cuda"]
+        off_gpu = [name for name, m in layers if m._counter.device.type != "cuda"]
         if off_gpu:
-            device = dict(layers)[off_gpu[0]].weight.device
+            device = dict(layers)[off_gpu[0]]._counter.device
             raise ValueError(f"use_device_seeds needs CUDA parameters (the counters live in device memory); "
                              f"{', '.join(off_gpu[:3])}{' ...' if len(off_gpu) > 3 else ''} on {device}")  # fmt: skip
-    for _, m in layers:
-        step = m.step
-        m._step_counter = torch.tensor([step], dtype=torch.int64, device=m.weight.device) if enabled else None
-        m._step = step
     return len(layers)
 
 
