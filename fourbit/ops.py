@@ -212,13 +212,18 @@ def _triton_call(x: Tensor, config: SchemeConfig, args: tuple) -> tuple[Tensor, 
 
 
 def _operand(data: Tensor, scales: Tensor, tensor_scale: Tensor, scheme: str, shape: list[int]) -> QuantizedTensor:
+    """A QuantizedTensor from an op's arguments (FP8 block scales cross the boundary as their uint8 bits:
+    opcheck and some backends do arithmetic on float8 inputs that PyTorch does not implement)."""
     config = config_of(scheme)
+    if scales.dtype == torch.uint8:
+        scales = scales.view(_scale_dtype(config))
     ts = tensor_scale if isinstance(config, NVFP4Config) else None
     return QuantizedTensor(data, scales, ts, config, torch.Size(shape), torch.float32)
 
 
 def _reference_qmm(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype) -> Tensor:
-    return (a.dequantize(torch.float32) @ b.dequantize(torch.float32).T).to(out_dtype)  # float32 accumulation
+    with torch.autocast(a.data.device.type, enabled=False):  # float32 accumulation, whatever the caller's autocast
+        return (a.dequantize(torch.float32) @ b.dequantize(torch.float32).T).to(out_dtype)
 
 
 @torch.library.custom_op("fourbit::qmm", mutates_args=())
@@ -250,7 +255,8 @@ def _qmm_fake(a_data, a_scales, a_ts, a_scheme, a_shape, b_data, b_scales, b_ts,
 
 def _flat(q: QuantizedTensor) -> tuple:
     ts = q.tensor_scale if q.tensor_scale is not None else q.data.new_empty(0, dtype=torch.float32)
-    return q.data, q.scales, ts, scheme_key(q.config), list(q.shape)
+    scales = q.scales.view(torch.uint8) if q.scales.element_size() == 1 else q.scales
+    return q.data, scales, ts, scheme_key(q.config), list(q.shape)
 
 
 def qmm(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
@@ -377,7 +383,8 @@ def quantize_dequantized(x: Tensor, config: SchemeConfig, *, stochastic: bool = 
 @torch.library.custom_op("fourbit::dequantized_mm", mutates_args=())
 def _dequantized_mm_op(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
     """Reference: ``(a @ b^T) * a_scale * b_scale`` in float32 (bf16 products are exact), rounded once."""
-    return ((a.float() @ b.float().T) * a_scale * b_scale).to(out_dtype)
+    with torch.autocast(a.device.type, enabled=False):
+        return ((a.float() @ b.float().T) * a_scale * b_scale).to(out_dtype)
 
 
 @_dequantized_mm_op.register_kernel("cuda")

@@ -8,17 +8,26 @@ import pytest
 import torch
 
 from fourbit.nn import QuantLinear, convert, set_progress
-from fourbit.recipes import RECIPES
+from fourbit.recipes import RECIPES, get_recipe
 
 # every recipe whose layers work at these sizes (blocks up to 128x128)
 RECIPE_NAMES = [name for name in RECIPES if "acc14" not in name]  # limited-accumulation models: slow, same path
 
 
 def _step(layer, x, dy):
+    """(y, dx, dW) of one training step, and the bias gradient apart: a sum over tokens, whose order Inductor
+    chooses (it is outside the quantized GEMMs; compared to float32 summation accuracy)."""
     x = x.clone().requires_grad_()
     y = layer(x)
     y.backward(dy)
-    return y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()
+    return (y.detach(), x.grad, layer.weight.grad.clone()), layer.bias.grad.clone()
+
+
+def _assert_same(eager_out, compiled_out, what):
+    (e, e_bias), (c, c_bias) = eager_out, compiled_out
+    for name, a, b in zip(("y", "dx", "dW"), e, c):
+        assert torch.equal(a, b), f"{what}: {name} differs"
+    torch.testing.assert_close(e_bias, c_bias, rtol=1e-6, atol=1e-5)  # float32 sums of <= 64 terms
 
 
 @pytest.fixture(autouse=True)
@@ -39,8 +48,7 @@ def test_compiled_quant_linear_equals_eager_bit_for_bit(recipe):
     for step in range(3):
         x, dy = torch.randn(48, 256), torch.randn(48, 128)
         eager.weight.grad = eager.bias.grad = twin.weight.grad = twin.bias.grad = None
-        for e, c in zip(_step(eager, x, dy), _step(compiled, x, dy)):
-            assert torch.equal(e, c), f"step {step}"
+        _assert_same(_step(eager, x, dy), _step(compiled, x, dy), f"step {step}")
     assert eager.step == twin.step == 3
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no recompilation as the step advances
 
@@ -52,14 +60,13 @@ def test_compiled_late_switch_recompiles_once_and_matches():
     compiled = torch.compile(twin, fullgraph=True)
     torch._dynamo.utils.counters.clear()
     for step in range(6):
-        progress = step / 6
+        progress = 0.8 + step * 0.04  # the switch is at 0.9: steps 0-2 quantize fprop, 3-5 run it in BF16
         for m in (eager, twin):
             m.progress = progress
         x, dy = torch.randn(32, 128), torch.randn(32, 64)
         eager.weight.grad = eager.bias.grad = twin.weight.grad = twin.bias.grad = None
-        for e, c in zip(_step(eager, x, dy), _step(compiled, x, dy)):
-            assert torch.equal(e, c), f"step {step}"
-    assert RECIPES["nvfp4+late-bf16"].switch_to_bf16_at is not None
+        _assert_same(_step(eager, x, dy), _step(compiled, x, dy), f"step {step}")
+    assert get_recipe("nvfp4+late-bf16").switch_to_bf16_at is not None
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # before and after the switch
 
 
@@ -70,10 +77,9 @@ def test_compiled_under_autocast_equals_eager():
     compiled = torch.compile(twin, fullgraph=True)
     x, dy = torch.randn(32, 128), torch.randn(32, 64, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ye, *ge = _step(eager, x, dy)
-        yc, *gc = _step(compiled, x, dy)
-    assert ye.dtype == torch.bfloat16 and torch.equal(ye, yc)
-    assert all(torch.equal(a, b) for a, b in zip(ge, gc))
+        e, c = _step(eager, x, dy), _step(compiled, x, dy)
+    assert e[0][0].dtype == torch.bfloat16
+    _assert_same(e, c, "autocast")
 
 
 def test_converted_hf_style_model_compiles_whole():

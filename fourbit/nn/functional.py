@@ -358,7 +358,8 @@ def linear_forward(x: Tensor, weight: Tensor, step: Tensor, recipe: str, layer_i
     """y (M, N) = Q(x) Q(W)^T for x (M, K), W (N, K) under the recipe named by ``recipe`` (``recipe_key``);
     ``step`` (int64, one element) seeds stochastic rounding; ``parallel`` is a ``parallel_key``."""
     r = _recipe(recipe)
-    return _forward(x, weight, r, layer_id, _step_arg(step, r, layer_id), _PARALLELS.get(parallel), out_dtype)
+    with torch.autocast(x.device.type, enabled=False):  # the recipe decides every precision in here
+        return _forward(x, weight, r, layer_id, _step_arg(step, r, layer_id), _PARALLELS.get(parallel), out_dtype)
 
 
 @linear_forward.register_fake
@@ -371,8 +372,10 @@ def linear_backward(dy: Tensor, x: Tensor, weight: Tensor, step: Tensor, recipe:
                     need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(dx, dW) of ``linear_forward`` for the output gradient dy (M, N); an empty tensor where not needed."""
     r = _recipe(recipe)
-    dx, dw = _backward(dy, x, weight, r, layer_id, _step_arg(step, r, layer_id), _PARALLELS.get(parallel),
-                       need_dx, need_dw)  # fmt: skip
+    # a backward called inside an autocast region runs there on CPU: the recipe decides every precision
+    with torch.autocast(x.device.type, enabled=False):
+        dx, dw = _backward(dy, x, weight, r, layer_id, _step_arg(step, r, layer_id), _PARALLELS.get(parallel),
+                           need_dx, need_dw)  # fmt: skip
     return (x.new_empty(0) if dx is None else dx), (weight.new_empty(0) if dw is None else dw)
 
 
