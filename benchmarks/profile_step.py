@@ -8,11 +8,13 @@ call (Python dispatch and launches) against the kernel's own time.
 
     PYTHONPATH=. python benchmarks/profile_step.py [--recipes bf16 nvfp4 fp8 mxfp4] [--batch 32] [--out DIR]
 
-A recipe written ``nvfp4:dual`` runs with ``fourbit.kernels.DUAL_OPERANDS`` on (``kernels.quantize_dual``);
-``nvfp4:graph`` captures the step in a CUDA graph (``fourbit.harness.graphs.GraphedTrainStep``, the harness's
-``--cuda-graph``) and compares it with ``bf16:graph`` from the same run; ``nvfp4:dual:graph`` does both.
+A mode after the recipe picks how the step runs: ``nvfp4`` eager; ``nvfp4:graph`` captured in a CUDA graph
+(``fourbit.harness.graphs.GraphedTrainStep``, the harness's ``--cuda-graph``); ``nvfp4:compile`` under
+``torch.compile(model)``; ``nvfp4:compile-graph`` under ``torch.compile(model, mode="reduce-overhead")``
+(CUDA graphs through the compiler). Each ratio is against bf16 run the same way in the same process, and
+the last column against compiled bf16 (the baseline a user who compiles sees):
 
-    PYTHONPATH=. python benchmarks/profile_step.py --recipes bf16 nvfp4 bf16:graph nvfp4:graph
+    PYTHONPATH=. python benchmarks/profile_step.py --recipes bf16:compile nvfp4:compile fp8-blockwise:compile
 """
 
 from __future__ import annotations
@@ -47,28 +49,38 @@ def group_of(name: str) -> str:
     return "other (elementwise, reductions, copies, optimizer)"
 
 
-def step_times(recipe_name: str, steps: int, batch: int, graph: bool = False) -> tuple[list[float], object]:
+MODES = ("eager", "graph", "compile", "compile-graph")
+
+
+def step_times(recipe_name: str, steps: int, batch: int, mode: str = "eager") -> tuple[list[float], object]:
     device = torch.device("cuda")
+    graph = mode == "graph"
     cfg = train_config("gpu", recipe=recipe_name, batch_size=batch, cuda_graph=graph)
     model = build_model(get_preset("gpu"), resolve_recipe(recipe_name), device)
     opt = make_optimizer(model, cfg, device)
     step_fn = GraphedTrainStep(model, opt, device) if graph else train_step  # 2 eager steps, then capture
+    run = model
+    if mode == "compile":
+        run = torch.compile(model)
+    elif mode == "compile-graph":
+        run = torch.compile(model, mode="reduce-overhead")
     T = get_preset("gpu").block_size
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randint(0, get_preset("gpu").vocab_size, (batch, T), device=device, generator=gen)
     y = torch.roll(x, -1, 1)
     times = []
-    for i in range(steps + 3):
+    warmup = 3 if mode in ("eager", "graph") else 5  # compiles and cudagraph-tree warm-up runs
+    for i in range(steps + warmup):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        step_fn(model, opt, x, y, 1e-4, 1.0, device)
+        step_fn(run if not graph else model, opt, x, y, 1e-4, 1.0, device)
         torch.cuda.synchronize()
-        if i >= 3:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step_fn(model, opt, x, y, 1e-4, 1.0, device)
+        step_fn(run if not graph else model, opt, x, y, 1e-4, 1.0, device)
         torch.cuda.synchronize()
     return times, prof
 
@@ -146,7 +158,7 @@ def host_cost_breakdown(lines: list[str]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--recipes", nargs="+", default=["bf16", "nvfp4", "fp8", "fp8-blockwise", "mxfp4"])
+    p.add_argument("--recipes", nargs="+", default=[f"{r}:compile" for r in ("bf16", "nvfp4", "fp8", "fp8-blockwise", "mxfp4")])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--out", type=Path, default=None)
@@ -156,37 +168,37 @@ def main() -> None:
         return
     lines = [f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
              "", f"gpu preset, batch {args.batch} x 512 tokens, median of {args.steps} steps after 3 warm-up steps "
-             "(graphed runs: 2 eager steps, then capture; each ratio against bf16 run the same way)", "",
-             "| recipe | step ms | vs bf16 | GPU ms by kernel group (profiled step) |", "|---|---|---|---|"]  # fmt: skip
-    base: dict[bool, float] = {}  # bf16's step time, eager and graphed
+             "(graphed runs: 2 eager steps, then capture; compiled runs: 5 warm-up steps)", "",
+             "| recipe:mode | step ms | vs bf16 (same mode) | vs compiled bf16 | GPU ms by kernel group (profiled step) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    base: dict[str, float] = {}  # bf16's step time per mode
     tables = []
     for name in args.recipes:
-        # "<recipe>:dual": the same recipe with fourbit.kernels.DUAL_OPERANDS on (x's and dy's two operands
-        # each from one quantize_dual call); ":graph": the step captured in a CUDA graph and replayed
-        recipe, *mods = name.split(":")
-        unknown = set(mods) - {"dual", "graph"}
-        if unknown:
-            raise SystemExit(f"profile_step: unknown modifier(s) {sorted(unknown)} in {name!r}; known: dual, graph")
-        fourbit.kernels.DUAL_OPERANDS = "dual" in mods
-        graph = "graph" in mods
+        recipe, _, mode = name.partition(":")
+        mode = mode or "eager"
+        if mode not in MODES:
+            raise SystemExit(f"profile_step: unknown mode {mode!r} in {name!r}; known: {', '.join(MODES)}")
         try:
-            times, prof = step_times(recipe, args.steps, args.batch, graph=graph)
+            times, prof = step_times(recipe, args.steps, args.batch, mode)
         except Exception as e:  # report and go on with the other recipes
-            lines.append(f"| {name} | failed: {type(e).__name__}: {str(e)[:120]} | | |")
+            lines.append(f"| {name} | failed: {type(e).__name__}: {str(e)[:120]} | | | |")
             print(lines[-1], flush=True)
+            torch._dynamo.reset()
             continue
         ms = statistics.median(times) * 1e3
-        if recipe == "bf16" and not fourbit.kernels.DUAL_OPERANDS:
-            base.setdefault(graph, ms)
+        if recipe == "bf16":
+            base.setdefault(mode, ms)
         groups = kernel_groups(prof)
         gtxt = "; ".join(f"{g} {t:.1f}" for g, t in sorted(groups.items(), key=lambda kv: -kv[1]))
-        ratio = f"{ms / base[graph]:.2f}x" if graph in base else "-"
-        lines.append(f"| {name} | {ms:.1f} | {ratio} | {gtxt} (sum {sum(groups.values()):.1f}) |")
+        ratio = f"{ms / base[mode]:.2f}x" if mode in base else "-"
+        vs_compiled = f"{ms / base['compile']:.2f}x" if "compile" in base else "-"
+        lines.append(f"| {name} | {ms:.1f} | {ratio} | {vs_compiled} | {gtxt} (sum {sum(groups.values()):.1f}) |")
         print(lines[-1], flush=True)
         tables.append(f"\n## {name}: top kernels and ops\n\n```\n"
                       + prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
                       + "\n```\n")  # fmt: skip
         del prof
+        torch._dynamo.reset()
         torch.cuda.empty_cache()
     lines += ["", "Host cost of one `fourbit.quantize` call (microseconds): loop without syncs / with the final sync / "
               "GPU time of the same launches replayed from a CUDA graph", "",
