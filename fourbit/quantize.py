@@ -138,12 +138,17 @@ def quantize(
     stochastic = rounding is Rounding.STOCHASTIC
     if stochastic and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()))
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64):
+    key = None
+    if isinstance(seed, torch.Tensor):  # a key in device memory (fourbit.ops.seed_keys), read as the kernel runs
+        if seed.dtype != torch.int32 or seed.numel() != 1:
+            raise ValueError(f"a seed tensor must hold one int32 key, got {seed.dtype} {tuple(seed.shape)}")
+        key, seed = seed.to(x.device), None
+    elif seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64):
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     amax_t = None if amax is None else _check_amax(amax, x.device)
     if check_finite:
         measured = _measured_amax(x)
         if per_tensor and amax_t is None:
             amax_t = measured  # the same max the quantize pass would measure: hand it over, read x once less
-    return ops.quantize(x, config, stochastic=stochastic, seed=seed or 0, amax=amax_t, sr_index=sr_index,
+    return ops.quantize(x, config, stochastic=stochastic, seed=seed or 0, key=key, amax=amax_t, sr_index=sr_index,
                         backend=backend)  # fmt: skip

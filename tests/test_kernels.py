@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fourbit
+from fourbit import ops
 import fourbit.kernels as K
 from fourbit.rounding import ElementIndex
 from fourbit.kernels.swizzle import blocked_offset, from_blocked, to_blocked
@@ -80,7 +81,7 @@ def test_nvfp4_quantize_pad(shape, block):
 
 
 @gpu
-@pytest.mark.parametrize("amax", [0.5, 1e-30, 0.0, float("inf")], ids=["below", "tiny", "zero", "inf"])
+@pytest.mark.parametrize("amax", [0.5, 1e-30, 0.0], ids=["below", "tiny", "zero"])  # inf/NaN/-1: ValueError (test_bad_input)
 def test_nvfp4_quantize_given_amax(amax):
     x = torch.randn(64, 256, generator=_gen(3)).cuda()
     kw = dict(amax=amax)
@@ -183,12 +184,12 @@ def test_quantlinear_wgrad_uses_fused_kernel_bit_exact(monkeypatch):
     lin = QuantLinear(256, 128, bias=False, recipe="nvfp4").cuda()
     x = torch.randn(200, 256, device="cuda", requires_grad=True)
     calls = []
-    real = K.quantize_wgrad
-    monkeypatch.setattr(K, "quantize_wgrad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = ops.quantize_wgrad
+    monkeypatch.setattr(ops, "quantize_wgrad", lambda *a, **k: calls.append(1) or real(*a, **k))
     lin(x).square().sum().backward()
     fused_dw = lin.weight.grad.clone()
     assert calls, "the fused wgrad kernel was not used"
-    monkeypatch.setattr(K, "quantize_wgrad", lambda *a, **k: None)
+    monkeypatch.setattr(ops, "wgrad_applies", lambda *a: False)  # the reference chain instead
     lin.weight.grad = None
     lin.step = 0  # same SR seeds
     lin(x).square().sum().backward()
@@ -256,37 +257,12 @@ def test_dual_kernel_bit_exact(shape, rht_on):
 
 
 @gpu
-@pytest.mark.parametrize("recipe", ["nvfp4", "nvfp4-no-rht"])
-def test_quantlinear_dual_operands_match_separate_kernels(recipe, monkeypatch):
-    """``kernels.DUAL_OPERANDS`` on: y, dx and dW bit for bit those of the separate kernels (bf16 autocast)."""
-    from fourbit.nn import QuantLinear
-
-    lin = QuantLinear(768, 2304, bias=False, recipe=recipe).cuda()
-    x = torch.randn(4032, 768, generator=_gen(24)).cuda()  # tokens a multiple of K_ALIGN: the fast path
-    dy = torch.randn(4032, 2304, generator=_gen(25)).cuda().bfloat16()
-    outs, calls = [], []
-    real = K.quantize_dual
-    monkeypatch.setattr(K, "quantize_dual", lambda *a, **k: calls.append(1) or real(*a, **k))
-    for dual in (True, False):
-        monkeypatch.setattr(K, "DUAL_OPERANDS", dual)
-        lin.step, lin.weight.grad = 0, None
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = lin(xi)
-        y.backward(dy)
-        outs.append((y.detach(), xi.grad, lin.weight.grad.clone()))
-    assert len(calls) == 2
-    for got, want in zip(*outs):
-        assert torch.equal(got, want)
-
-
-@gpu
 @pytest.mark.parametrize("recipe", ["nvfp4", "nvfp4-no-2d", "nvfp4-none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_quantlinear_dequantized_path_matches_packed_path(recipe, dtype, monkeypatch):
     """On CUDA QuantLinear runs its GEMMs on ``Dequantized`` operands (``_emulates``); y, dx and dW equal the
     packed path's (quantize, dequantize, GEMM) up to float32 summation order: same codes, scales, seeds."""
-    import fourbit.nn.linear as L
+    import fourbit.nn.functional as L
     from fourbit.nn import QuantLinear
 
     lin = QuantLinear(768, 256, bias=False, recipe=recipe).cuda().to(dtype)
