@@ -578,55 +578,6 @@ def test_dual_api_checks_and_declines():
         quantize_nvfp4_dual(torch.randn(32, 40), (Rounding.NEAREST, None, None), (Rounding.NEAREST, None, None), None)
 
 
-@pytest.mark.parametrize("recipe", ["nvfp4", "nvfp4-no-rht"])
-@pytest.mark.parametrize("rank", [None, 1], ids=["one-process", "rank1-of-2"])
-def test_quantlinear_dual_operands_equal_separate_kernels(recipe, rank, monkeypatch, tmp_path):
-    """With ``kernels.DUAL_OPERANDS`` QuantLinear takes x's fprop and wgrad operands, and dy's dgrad and wgrad
-    operands, from ``quantize_dual`` (and keeps Q(x^T) instead of x for backward); y, dx and dW equal those of
-    the separate kernels bit for bit (the same operand values go into the same GEMMs), also as rank 1 of 2
-    data-parallel ranks (global SR indices, all-reduced amaxes; a 1-process gloo group stands in)."""
-    import torch.distributed as dist
-
-    import fourbit.kernels as K
-    import fourbit.nn.linear as L
-    from fourbit.nn import QuantLinear
-    from fourbit.nn.linear import DataParallel
-
-    def on_cpu(x, config):  # the dispatch rules without their CUDA condition
-        return x.numel() > 0 and isinstance(config, NVFP4Config) and not config.four_over_six
-
-    monkeypatch.setattr(K, "dequantized_applies", on_cpu)
-    monkeypatch.setattr(K, "_wgrad_kernel_applies", lambda t, c, tr: t.dim() == 2 and on_cpu(t, c) and c.block == (1, 16))
-    real, calls = K.quantize_dual, []
-    monkeypatch.setattr(K, "quantize_dual", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
-    real_emulates, fast = L._emulates, []
-    monkeypatch.setattr(L, "_emulates", lambda *a: fast.append(real_emulates(*a)) or fast[-1])
-    parallel = None
-    if rank is not None:
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-        parallel = DataParallel(dist.group.WORLD, rank, 2)
-    try:
-        lin = QuantLinear(128, 64, bias=False, recipe=recipe)
-        lin.parallel = parallel
-        x = torch.randn(56, 128, generator=torch.Generator().manual_seed(3)) * 2  # 56 tokens: padded to 64
-        dy = torch.randn(56, 64, generator=torch.Generator().manual_seed(4))
-        outs = []
-        for dual in (True, False):
-            monkeypatch.setattr(K, "DUAL_OPERANDS", dual)
-            lin.step, lin.weight.grad = 0, None
-            xi = x.clone().requires_grad_()
-            y = lin(xi)
-            y.backward(dy)
-            outs.append((y.detach(), xi.grad, lin.weight.grad.clone()))
-        assert fast == [True, True], "the dequantized path was not taken"
-        assert calls == [(56, 128), (56, 64)], "quantize_dual was not used for x and dy"
-        for got, want in zip(*outs):
-            assert torch.equal(got, want)
-    finally:
-        if rank is not None:
-            dist.destroy_process_group()
-
-
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**63 - 1), layer=st.integers(0, 10**6), step=st.integers(0, 2**62), advance=st.booleans())
 def test_seed_keys_kernel_equals_host_seeds(seed, layer, step, advance):
