@@ -45,14 +45,24 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # --- keys for what an op cannot take ----------------------------------------------------------------
 
 _CONFIGS: dict[str, SchemeConfig] = {}
+_KEYS: dict[SchemeConfig, str] = {}
 
 
 def scheme_key(config: SchemeConfig) -> str:
     """A short string naming ``config`` by content (registered so ``config_of`` inverts it)."""
-    text = repr(config)
-    key = f"{config.name}:{hashlib.sha1(text.encode()).hexdigest()[:12]}"
-    _CONFIGS.setdefault(key, config)
+    key = _KEYS.get(config)
+    if key is None:
+        key = f"{config.name}:{hashlib.sha1(repr(config).encode()).hexdigest()[:12]}"
+        _CONFIGS.setdefault(key, config)
+        _KEYS[config] = key
     return key
+
+
+def _direct(x: Tensor) -> bool:
+    """Whether to call an op's implementation directly instead of through the dispatcher: a plain eager
+    tensor outside tracing (e.g. inside ``fourbit::linear_forward``, already opaque to the compiler). The
+    dispatcher's Python layers cost tens of microseconds a call; the implementation is the same code."""
+    return type(x) is Tensor and not torch.compiler.is_compiling()
 
 
 def config_of(key: str) -> SchemeConfig:
@@ -137,6 +147,9 @@ def _quantize_op(
     return _reference_quantize(x, config, stochastic, host_key, amax, True, _index(row_offset, col_offset, row_stride))
 
 
+_reference_op_impl = getattr(_quantize_op, "_init_fn", None) or (lambda *a: _quantize_op(*a))  # the undecorated reference
+
+
 @_quantize_op.register_kernel("cuda")
 def _quantize_cuda(x, scheme, stochastic, seed, key, amax, row_offset, col_offset, row_stride):
     from . import kernels
@@ -180,6 +193,8 @@ def quantize(
         data, scales, ts = _reference_call(x, args)
     elif backend == "triton":
         data, scales, ts = _triton_call(x, config, args)
+    elif _direct(x):
+        data, scales, ts = (_quantize_cuda if x.is_cuda else _reference_op_impl)(x, *args)
     else:
         data, scales, ts = _quantize_op(x, *args)
     return QuantizedTensor(data, scales, ts if isinstance(config, NVFP4Config) else None, config, x.shape, x.dtype)
@@ -261,7 +276,10 @@ def _flat(q: QuantizedTensor) -> tuple:
 
 def qmm(a: QuantizedTensor, b: QuantizedTensor, out_dtype: torch.dtype = torch.float32) -> Tensor:
     """``A @ B^T`` of two operands quantized along K (float32 accumulation, rounded once to ``out_dtype``)."""
-    return _qmm_op(*_flat(a), *_flat(b), out_dtype)
+    args = (*_flat(a), *_flat(b), out_dtype)
+    if _direct(a.data) and a.data.is_cuda:
+        return _qmm_cuda(*args)
+    return _qmm_op(*args)
 
 
 # --- NVFP4 operands for the emulated GEMM (Hopper): quantized straight to BF16 values --------------------
@@ -372,8 +390,11 @@ def quantize_dequantized(x: Tensor, config: SchemeConfig, *, stochastic: bool = 
     s, key = _seed_args(stochastic, seed)
     index = sr_index or ElementIndex()
     rs = NO_ROW_STRIDE if index.row_stride is None else index.row_stride
-    values, ts = _quantize_dequantized_op(x, scheme_key(config), stochastic, s, key, amax, index.row_offset,
-                                          index.col_offset, rs)  # fmt: skip
+    args = (x, scheme_key(config), stochastic, s, key, amax, index.row_offset, index.col_offset, rs)
+    if _direct(x) and x.is_cuda:
+        values, ts = _quantize_dequantized_cuda(*args)
+    else:
+        values, ts = _quantize_dequantized_op(*args)
     return Dequantized(values, ts, x.numel() // x.shape[-1])
 
 
@@ -408,7 +429,10 @@ def dequantized_mm(a: Dequantized, b: Dequantized, out_dtype: torch.dtype = torc
     if b.values.shape[1] != K or K % DEQUANTIZED_K_ALIGN:
         raise ValueError(f"dequantized_mm: K must match and be a multiple of {DEQUANTIZED_K_ALIGN}, got "
                          f"{tuple(a.values.shape)} and {tuple(b.values.shape)}")  # fmt: skip
-    return _dequantized_mm_op(a.values[: a.rows], b.values[: b.rows], a.tensor_scale, b.tensor_scale, out_dtype)
+    args = (a.values[: a.rows], b.values[: b.rows], a.tensor_scale, b.tensor_scale, out_dtype)
+    if _direct(a.values) and a.values.is_cuda:
+        return _dequantized_mm_cuda(*args)
+    return _dequantized_mm_op(*args)
 
 
 # --- wgrad operands: quantize(rht(pad(t^T))) from the untransposed tensor -------------------------------------
@@ -462,7 +486,8 @@ def _signs(transform, device) -> Tensor | None:
 
 def wgrad_amax(t: Tensor, transform=None) -> Tensor:
     """The amax pass of ``quantize_wgrad`` alone (float32, one element), e.g. for a data-parallel all-reduce."""
-    return _wgrad_amax_op(t, _signs(transform, t.device))
+    signs = _signs(transform, t.device)
+    return _wgrad_amax_cuda(t, signs) if _direct(t) and t.is_cuda else _wgrad_amax_op(t, signs)
 
 
 @torch.library.custom_op("fourbit::quantize_wgrad", mutates_args=())
@@ -516,8 +541,9 @@ def quantize_wgrad(t: Tensor, config: SchemeConfig, *, stochastic: bool = False,
     index = sr_index or ElementIndex()
     rs = NO_ROW_STRIDE if index.row_stride is None else index.row_stride
     amax = None if amax is None else amax.reshape(1)
-    out = _quantize_wgrad_op(t, scheme_key(config), stochastic, s, key, _signs(transform, t.device), amax,
-                             index.row_offset, index.col_offset, rs, dequantized)  # fmt: skip
+    args = (t, scheme_key(config), stochastic, s, key, _signs(transform, t.device), amax, index.row_offset,
+            index.col_offset, rs, dequantized)
+    out = _quantize_wgrad_cuda(*args) if _direct(t) and t.is_cuda else _quantize_wgrad_op(*args)
     M, Fe = t.shape
     if dequantized:
         return Dequantized(out[0], out[1], Fe)
@@ -556,7 +582,8 @@ def _seed_keys_fake(step, base):
 def seed_keys(step: Tensor, base: int) -> Tensor:
     """int32 (6,): the stochastic-rounding key of each ``Role`` at the step in ``step`` (int64, one element) for
     ``base = seed_base(seed, layer)``; on CUDA one launch and no host read."""
-    return _seed_keys_op(step.reshape(1), base - (1 << 64) if base >= 1 << 63 else base)
+    args = (step.reshape(1), base - (1 << 64) if base >= 1 << 63 else base)
+    return _seed_keys_cuda(*args) if _direct(step) and step.is_cuda else _seed_keys_op(*args)
 
 
 @torch.library.custom_op("fourbit::advance_step", mutates_args=("counter",))
@@ -577,4 +604,6 @@ def _advance_step_fake(counter, advance):
 
 def advance_step(counter: Tensor, advance: bool) -> Tensor:
     """This forward's stochastic-rounding step (int64, one element); advances ``counter`` if ``advance``."""
+    if _direct(counter):
+        return _advance_step_op._init_fn(counter, advance) if hasattr(_advance_step_op, "_init_fn") else _advance_step_op(counter, advance)
     return _advance_step_op(counter, advance)
