@@ -151,7 +151,7 @@ def build_model(cfg: GPTConfig, recipe, device: torch.device, seed: int = 0) -> 
     if recipe is not None:
         from .. import nn as fnn
 
-        fnn.convert(model, recipe)
+        model = fnn.convert(model, recipe)
     return model.to(device)
 
 
