@@ -67,7 +67,7 @@ from .data import BatchSampler, check_data_dir, load_tokens, val_windows
 from .model import GPT, GPTConfig, get_preset
 
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "train_config", "resolve_recipe", "build_model", "make_optimizer", "train_step",
-           "evaluate", "lr_at", "train", "read_metrics", "load_checkpoint", "Interrupted"]  # fmt: skip
+           "evaluate", "lr_at", "train", "read_metrics", "load_checkpoint", "checksums", "Interrupted"]  # fmt: skip
 
 METRICS = "metrics.jsonl"
 CHECKPOINT = "ckpt.pt"
