@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 Block = tuple[int, int]
+MX_BLOCKS = ((1, 32), (32, 32))  # OCP MX v1.0: k = 32; (32, 32) is the 2-D weight variant (reference path only)
 
 
 class ScaleMode(enum.Enum):
@@ -63,6 +64,12 @@ class NVFP4Config:
         _check_block(self.block, "nvfp4")
         if self.block not in ((1, 16), (16, 16)):
             raise ValueError(f"nvfp4: block must be (1, 16) or (16, 16), got {self.block}")
+        if self.elem != E2M1:  # the NVFP4 quantizers encode E2M1 whatever this says: refuse, do not ignore
+            raise ValueError(f"nvfp4: elements are always E2M1, got fmt {self.elem.name!r} "
+                             f"(other element formats: 'mxfp6', 'mxfp8', 'fp8')")  # fmt: skip
+        if self.scale_format != E4M3:
+            raise ValueError(f"nvfp4: block scales are always E4M3, got {self.scale_format.name!r} "
+                             f"(power-of-two E8M0 scales: 'mxfp4')")  # fmt: skip
 
     @property
     def name(self) -> str:
@@ -79,6 +86,9 @@ class MXConfig:
 
     def __post_init__(self) -> None:
         _check_block(self.block, "mx")
+        if self.block not in MX_BLOCKS:
+            raise ValueError(f"{self.name}: OCP MX blocks hold 32 elements along a row: block must be one of "
+                             f"{', '.join(map(str, MX_BLOCKS))}, got {self.block}")  # fmt: skip
         if self.elem.specials.value == "e8m0" or not self.elem.signed:
             raise ValueError(f"mx: element format must be signed, got {self.elem}")
 
@@ -119,6 +129,16 @@ SCHEMES: dict[str, SchemeConfig] = {
 }
 
 
+def _element_format(config: SchemeConfig, fmt) -> FloatFormat:
+    """``fmt`` for ``config``'s elements; an MX scheme keeps its width (``mxfp4`` with ``fmt="e4m3"`` would
+    silently be MXFP8; ask for ``mxfp8``)."""
+    elem = get_format(fmt)
+    if isinstance(config, MXConfig) and elem.bits != config.elem.bits:
+        raise ValueError(f"{config.name}: fmt {fmt!r} has {elem.bits} bits, not {config.elem.bits}; "
+                         f"use 'mxfp{elem.bits}' for {elem.bits}-bit MX elements")  # fmt: skip
+    return elem
+
+
 def resolve_scheme(scheme: str | SchemeConfig, **overrides) -> SchemeConfig:
     """A scheme name or config plus keyword overrides (``block``, ``fmt``, ``scale_mode``, ...) -> config.
 
@@ -139,7 +159,7 @@ def resolve_scheme(scheme: str | SchemeConfig, **overrides) -> SchemeConfig:
         if value is None:
             continue
         if key == "fmt":
-            key, value = "elem", get_format(value)
+            key, value = "elem", _element_format(config, value)
         elif key == "scale_mode":
             value = ScaleMode(value) if isinstance(value, str) else value
         elif key == "four_over_six_error":

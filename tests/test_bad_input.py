@@ -92,3 +92,18 @@ def test_dequantized_mm_takes_dequantized_operands():
 def test_half_precision_inputs_quantize_their_exact_values(dtype):
     x = torch.randn(4, 32).to(dtype)
     assert torch.equal(fourbit.quantize(x, "nvfp4").data, fourbit.quantize(x.float(), "nvfp4").data)
+
+
+def test_options_a_scheme_would_ignore_are_refused():
+    """nvfp4 always encodes E2M1 with E4M3 scales and MX blocks hold 32 elements: options saying otherwise
+    used to be accepted and ignored (or to change the scheme silently)."""
+    with pytest.raises(ValueError, match="nvfp4: elements are always E2M1, got fmt 'E4M3'"):
+        fourbit.quantize(torch.randn(32), "nvfp4", fmt="e4m3")
+    with pytest.raises(ValueError, match="block scales are always E4M3"):
+        fourbit.NVFP4Config(scale_format=fourbit.E8M0)
+    with pytest.raises(ValueError, match=r"mxfp4: OCP MX blocks hold 32.*got \(16, 16\)"):
+        fourbit.quantize(torch.randn(32, 32), "mxfp4", block=(16, 16))
+    with pytest.raises(ValueError, match="use 'mxfp8'"):
+        fourbit.resolve_scheme("mxfp4", fmt="e4m3")
+    assert fourbit.resolve_scheme("mxfp6", fmt="e3m2").elem == fourbit.E3M2  # documented variants still work
+    assert fourbit.resolve_scheme("mxfp4", block=(32, 32)).block == (32, 32)

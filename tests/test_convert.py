@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fourbit
-from fourbit.nn import QATLinear, QuantLinear, convert, qat, set_progress, set_recipe
+from fourbit.nn import QATLinear, QuantLinear, convert, qat, report, set_progress, set_recipe
 from fourbit.recipes import HighPrecision, get_recipe
 
 
@@ -57,26 +57,27 @@ def test_convert_keeps_parameters_and_state_dict_keys():
     model = TinyLM()
     before = model.state_dict()
     params = {n: p for n, p in model.named_parameters()}
-    report = convert(model, "nvfp4")
+    assert convert(model, "nvfp4") is model  # in place, and returned
+    rep = report(model)
     after = model.state_dict()
     assert list(after) == list(before)
     assert all(after[k] is before[k] or after[k].data_ptr() == before[k].data_ptr() for k in before)
     assert all(p is params[n] for n, p in model.named_parameters())  # the same Parameter objects
     assert model.lm_head.weight is model.wte.weight
-    assert len(report) == 10 and len(report.quantized) == 5
+    assert len(rep) == 10 and len(rep.quantized) == 5
 
 
 def test_report_lists_every_linear_and_reason():
     model = TinyLM(n_blocks=8)  # high precision: block 0 and the last max(1, round(1.2)) = 1 -> {0, 7}
-    report = convert(model, "nvfp4", skip=lambda name, m: name == "blocks.3.fc2")
-    rows = {r.name: r for r in report.layers}
+    rep = report(convert(model, "nvfp4", skip=lambda name, m: name == "blocks.3.fc2"))
+    rows = {r.name: r for r in rep.layers}
     assert set(rows) == set(_kinds(model))
     expected_kept = {"blocks.0.fc1", "blocks.0.fc2", "blocks.7.fc1", "blocks.7.fc2", "blocks.3.fc2", "lm_head"}
-    assert set(report.kept) == expected_kept
-    assert {n for n, k in _kinds(model).items() if k == "QuantLinear"} == set(report.quantized)
+    assert set(rep.kept) == expected_kept
+    assert {n for n, k in _kinds(model).items() if k == "QuantLinear"} == set(rep.quantized)
     assert "tied" in rows["lm_head"].reason and "skip" in rows["blocks.3.fc2"].reason
     assert "block 7 of 8" in rows["blocks.7.fc1"].reason
-    text = str(report)
+    text = str(rep)
     assert all(name in text for name in rows) and "12 of 18" in text
     # layer ids number all Linears in module order
     assert model.blocks[1].fc1.layer_id == 3 and model.proj_in.layer_id == 0
@@ -92,9 +93,9 @@ def test_untied_head_and_mha_stay_high_precision():
             self.out = nn.Linear(32, 64)  # outside the blocks, onto the vocabulary
 
     model = Net()
-    report = convert(model, all_blocks(get_recipe("nvfp4")))
-    assert set(report.kept) == {"attn.out_proj", "out"}
-    assert set(report.quantized) == {"layers.0", "layers.1", "layers.2"}
+    rep = report(convert(model, all_blocks(get_recipe("nvfp4"))))
+    assert set(rep.kept) == {"attn.out_proj", "out"}
+    assert set(rep.quantized) == {"layers.0", "layers.1", "layers.2"}
 
 
 def test_mismatch_raises_with_name_or_is_skipped():
@@ -103,8 +104,9 @@ def test_mismatch_raises_with_name_or_is_skipped():
     with pytest.raises(ValueError, match=r"'2'.*out_features=40.*multiples of 16"):
         convert(model, all_blocks(recipe))
     assert all(type(m) is nn.Linear for m in model if isinstance(m, nn.Linear))  # nothing half-converted
-    report = convert(model, all_blocks(recipe), on_mismatch="skip")
-    assert set(report.kept) == {"2", "4"} and "multiples of 16" in str(report)
+    with pytest.warns(UserWarning, match="kept 2 in high precision"):  # 2 of 3 kept
+        rep = report(convert(model, all_blocks(recipe), on_mismatch="skip"))
+    assert set(rep.kept) == {"2", "4"} and "multiples of 16" in str(rep)
     assert isinstance(model[0], QuantLinear)
     with pytest.raises(ValueError, match="on_mismatch"):
         convert(model, recipe, on_mismatch="ignore")
@@ -147,11 +149,11 @@ def test_hugging_face_llama_converts():
     model = transformers.LlamaForCausalLM(config)
     keys = list(model.state_dict())
     idx = torch.randint(0, 96, (2, 16))
-    report = convert(model, "nvfp4")
+    rep = report(convert(model, "nvfp4"))
     assert list(model.state_dict()) == keys
-    assert "lm_head" in report.kept
+    assert "lm_head" in rep.kept
     # 7 linears per decoder layer (q, k, v, o, gate, up, down); layers 0 and 3 kept
-    assert len(report.quantized) == 14 and all(n.startswith(("model.layers.1.", "model.layers.2.")) for n in report.quantized)
+    assert len(rep.quantized) == 14 and all(n.startswith(("model.layers.1.", "model.layers.2.")) for n in rep.quantized)
     out = model(idx, labels=idx)
     out.loss.backward()
     assert torch.isfinite(out.loss) and model.model.layers[1].mlp.down_proj.weight.grad is not None
@@ -161,8 +163,8 @@ def test_qat_fake_quantizes_with_straight_through_gradient():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
     keys = list(model.state_dict())
-    report = qat(model, "nvfp4", activations=True)
-    assert list(model.state_dict()) == keys and len(report.quantized) == 2
+    assert qat(model, "nvfp4", activations=True) is model
+    assert list(model.state_dict()) == keys and len(report(model).quantized) == 2
     layer = model[0]
     assert isinstance(layer, QATLinear)
     x = torch.randn(8, 64, requires_grad=True)
@@ -200,3 +202,59 @@ def test_convert_again_starts_from_scratch():
     convert(model, "nvfp4")
     assert _kinds(model) == first and type(model.blocks[0].fc1) is nn.Linear
     assert model.lm_head.weight is model.wte.weight
+
+
+def test_convert_and_qat_of_a_bare_linear_return_the_new_layer():
+    """A bare Linear cannot be swapped in place: the new layer is returned, over the same Parameters, with
+    the plain Linear's state_dict keys (the old convert set an attribute named '' and added '.weight')."""
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    q = convert(lin, all_blocks(get_recipe("nvfp4")))
+    assert isinstance(q, QuantLinear) and q.weight is lin.weight and q.bias is lin.bias
+    assert list(q.state_dict()) == ["weight", "bias"]
+    assert report(q).quantized == ("(model)",)
+    x = torch.randn(4, 32)
+    assert not torch.equal(q(x), lin(x))  # it computes in 4 bits
+    fq = qat(nn.Linear(32, 16), "nvfp4")
+    assert isinstance(fq, QATLinear) and list(fq.state_dict()) == ["weight", "bias"]
+    with pytest.raises(ValueError, match=r"'\(model\)'.*in_features=40"):
+        convert(nn.Linear(40, 16), all_blocks(get_recipe("nvfp4")))
+
+
+def test_a_conversion_that_quantizes_nothing_warns_with_the_reason():
+    """A 2-block model under nvfp4 (first and last block kept) quantizes 0 of its Linears: it says so."""
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    with pytest.warns(UserWarning, match=r"quantized none.*high-precision block 0 of 2.*HighPrecision.none\(\)"):
+        convert(model, "nvfp4")
+    assert report(model).quantized == ()
+    with pytest.warns(UserWarning, match="no nn.Linear"):
+        convert(nn.Sequential(nn.ReLU()), "nvfp4")
+    with pytest.warns(UserWarning, match="quantized none.*skip"):
+        qat(nn.Sequential(nn.Linear(32, 32)), "nvfp4", skip=lambda n, m: True)
+
+
+def test_a_normal_conversion_is_logged_not_warned(caplog, recwarn):
+    with caplog.at_level("INFO", logger="fourbit"):
+        convert(TinyLM(), "nvfp4")  # 4 of 8 block Linears quantized, the tied head always kept
+    assert "5 of 10 linear layers quantized" in caplog.text
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_report_of_a_model_never_converted_is_an_error():
+    with pytest.raises(ValueError, match="not converted"):
+        report(TinyLM())
+
+
+def test_one_swap_walk_plans_before_it_changes_anything():
+    """plan_linears decides every Linear without touching the model; never_quantized also catches a head
+    tied to the embedding through a second Parameter over the same storage (as some loaders produce)."""
+    from fourbit.nn import never_quantized, plan_linears, swap_linears
+
+    model = TinyLM(n_blocks=2)
+    model.lm_head.weight = nn.Parameter(model.wte.weight.data)  # same storage, another Parameter
+    assert never_quantized(model) == {"lm_head": "weight tied to an embedding"}
+    plan = plan_linears(model, keep=lambda n, m: "mine" if n == "proj_in" else None)
+    assert [(p.name, p.reason) for p in plan if p.reason] == [("proj_in", "mine"), ("lm_head", "weight tied to an embedding")]
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    model, rep = swap_linears(model, plan, lambda p: QATLinear.from_linear(p.module, "mxfp4"), "custom")
+    assert type(model.blocks[1].fc2) is QATLinear and rep.kept == ("proj_in", "lm_head") and report(model) is rep

@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fourbit.nn import QuantLinear, convert, set_progress
+from fourbit.nn import QuantLinear, convert, report, set_progress
 from fourbit.recipes import RECIPES, HighPrecision, get_recipe
 
 D, TOKENS, STEPS, ACC_STEPS, LR = 128, 16, 200, 100, 3e-3
@@ -26,8 +26,8 @@ def train(name: str, steps: int = STEPS) -> tuple[list[float], torch.nn.Module]:
     torch.manual_seed(0)
     teacher = torch.randn(D, D) / D**0.5
     model = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.GELU(), torch.nn.Linear(D, D))
-    report = convert(model, replace(get_recipe(name), high_precision=HighPrecision.none()))
-    assert len(report.quantized) == 2
+    model = convert(model, replace(get_recipe(name), high_precision=HighPrecision.none()))
+    assert len(report(model).quantized) == 2
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     losses = []
     for step in range(steps):

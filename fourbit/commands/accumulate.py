@@ -55,6 +55,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _check_out_dir(out: Path) -> None:
+    """Create ``out`` (a folder) or raise naming it: it is a file, or it cannot be created or written."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a folder (accumulation.md and .png go in it)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {str(out)!r} cannot be created ({e.strerror or e})") from None
+
+
 def _parse_ks(text: str) -> tuple[int, ...]:
     try:
         ks = tuple(int(k) for k in text.split(","))
@@ -203,8 +213,8 @@ def plot(points: list[Point], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_out_dir(args.out)  # before minutes of measuring, not after
     points = measure(args.ks, args.trials, args.seed, args.size)
-    args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(points, args.trials, args.size, args.seed)
     (args.out / "accumulation.md").write_text(table)
     plot(points, args.out / "accumulation.png")

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..explore import EXPLORE_SCHEMES, explore, load_tensors, summarize
 
-    tensors = load_tensors(tensor=args.tensor, model=args.model, limit=args.limit)
+    tensors = _load(args)
     summary = summarize(tensors)
     for path in explore(tensors, args.out, title=args.model or "", summary=summary):
         print(f"wrote {path}")
@@ -29,3 +29,22 @@ def run(args: argparse.Namespace) -> int:
         fl = 100 * sum(r[s]["flushed"] for r in rows) / len(rows)
         print(f"{s:<8}{sq:>14.2f}{fl:>11.2f}{float(summary['block_errors'][s].median()):>25.4f}")
     return 0
+
+
+def _load(args: argparse.Namespace) -> dict:
+    """``load_tensors`` with a bad ``--tensor`` file named: missing, empty, truncated, not torch.save'd."""
+    import pickle
+
+    from ..explore import load_tensors
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive number of tensors, got {args.limit}")
+    if args.tensor is None:
+        return load_tensors(tensor=None, model=args.model, limit=args.limit)
+    try:
+        return load_tensors(tensor=args.tensor, model=None, limit=args.limit)
+    except (EOFError, pickle.UnpicklingError, RuntimeError) as e:
+        what = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"--tensor {args.tensor!r} is not a readable torch.save'd file ({what})") from None
+    except ValueError as e:
+        raise ValueError(f"--tensor {args.tensor!r}: {e}") from None

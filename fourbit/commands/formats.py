@@ -74,6 +74,8 @@ def error_table(numel: int = 1 << 16, seed: int = 0) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.numel < 1:
+        raise ValueError(f"--numel must be a positive number of samples, got {args.numel}")
     for name in args.format or ["e2m1", "e2m3", "e3m2", "e4m3", "e5m2", "e8m0"]:
         print(format_table(name))
     print()

@@ -1,4 +1,6 @@
-"""``fourbit train``: train the harness GPT on Shakespeare under one recipe (resumable, Ctrl-C safe)."""
+"""``fourbit train``: train the harness GPT on Shakespeare under one recipe (resumable; Ctrl-C and SIGTERM
+checkpoint and exit with 128 + the signal). A directory holding a run is refused unless ``--resume``
+continues it or ``--overwrite`` deletes it (``docs/training.md``)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph", action="store_true", help="capture the training step in a CUDA graph and "
                    "replay it (one CUDA device, no --parallel, no --compile)")  # fmt: skip
     p.add_argument("--data-dir", default=None, help="token cache and PyPI archives (default ~/.cache/fourbit)")
+    p.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (default: the "
+                   "preset's; one is also written at the end and on Ctrl-C or SIGTERM)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--parallel", default=None, choices=("none", "ddp", "fsdp2"),
                    help="data parallel under torchrun: ddp or fsdp2 (--batch-size is the global batch)")  # fmt: skip
@@ -26,7 +30,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 def overrides(args: argparse.Namespace) -> dict:
     return {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "tokenizer": args.tokenizer,
             "device": args.device, "compile": args.compile or None, "cuda_graph": args.cuda_graph or None,
-            "data_dir": args.data_dir,
+            "data_dir": args.data_dir, "ckpt_every": args.ckpt_every,
             "parallel": args.parallel}  # fmt: skip
 
 
@@ -35,12 +39,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default="bf16", help="bf16, fp8, fp8-blockwise, mxfp4, nvfp4, nvfp4-no-sr, ...")
     p.add_argument("--seed", type=int, default=0, help="init, data order and stochastic-rounding seed")
     p.add_argument("--out", default=None, help="run directory (default runs/<recipe>-<preset>-seed<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in <out> from its ckpt.pt")
+    mode.add_argument("--overwrite", action="store_true", help="delete the run in <out> and start over "
+                      "(without --resume or --overwrite, a directory holding a run is refused)")  # fmt: skip
     add_training_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import signal
     import sys
 
     from ..harness.train import train, train_config
@@ -48,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = train_config(args.preset, recipe=args.recipe, seed=args.seed, **overrides(args))
     out = args.out or f"runs/{args.recipe}-{args.preset}-seed{args.seed}"
     try:
-        train(cfg, out, resume=args.resume, progress=not args.no_progress)
-    except KeyboardInterrupt as e:
+        train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except KeyboardInterrupt as e:  # harness.train.Interrupted: SIGINT or SIGTERM, checkpoint saved
         print(f"\nfourbit train: {e or 'interrupted'}; resume with --resume --out {out}", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
     from ..harness.train import read_metrics
 
     from ..harness.parallel import finish

@@ -61,6 +61,7 @@ __all__ = [
     "TokenData",
     "BatchSampler",
     "default_data_dir",
+    "check_data_dir",
     "load_documents",
     "get_tokenizer",
     "load_tokens",
@@ -266,9 +267,18 @@ def _build(tokenizer, docs: list[tuple[str, str]], data_dir: Path) -> TokenData:
     )  # fmt: skip
 
 
+def check_data_dir(data_dir: Path | str | None) -> Path:
+    """``data_dir`` (default ``default_data_dir()``) as a Path; ``NotADirectoryError`` naming it if it is a
+    file (the token cache and the PyPI archives are folders under it)."""
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise NotADirectoryError(f"data directory {str(data_dir)!r} is a file, not a folder (--data-dir)")
+    return data_dir
+
+
 def load_tokens(tokenizer: str = "gpt2", data_dir: Path | None = None, *, fetch: bool = True) -> TokenData:
     """Tokenize the corpus once and cache it as ``<data_dir>/tokens/shakespeare-<tokenizer>-v<N>.pt``."""
-    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    data_dir = check_data_dir(data_dir)
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {tokenizer!r}; choose from {', '.join(TOKENIZERS)}")
     cache = data_dir / "tokens" / f"shakespeare-{tokenizer}-v{CACHE_VERSION}.pt"

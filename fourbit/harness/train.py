@@ -7,7 +7,24 @@
         loss, gnorm = train_step(model, opt, *sampler.batch(step), lr_at(step))
         every log_every:  one line of metrics.jsonl (train loss averaged over the interval)
         every eval_every: val loss on a fixed set of held-out windows
-        every ckpt_every, at the end and on Ctrl-C: ckpt.pt
+        every ckpt_every, at the end and on Ctrl-C / SIGTERM: ckpt.pt
+
+What a run directory guarantees (``docs/training.md`` has the user's view):
+
+    nothing lost      a directory that holds a run (``run.json``, ``metrics.jsonl``, ``ckpt.pt``,
+                      ``ckpt_dcp/``) is never wiped by a rerun: ``resume=True`` continues it, ``overwrite=True``
+                      deletes it, and neither is a ``ValueError`` naming the files. Ctrl-C and SIGTERM stop
+                      at a step boundary, checkpoint, release ``.lock`` and raise ``Interrupted``.
+    nothing damaged   ``ckpt.pt`` is written to a temporary file and renamed (a crash leaves the previous
+    goes unseen       one; stale temporaries are removed at the next start) and carries a CRC-32 of every
+                      tensor and value in it (``checksums``), verified before a resume uses any of it. A
+                      checkpoint that cannot be read or does not match, a ``run.json`` that is not JSON, a
+                      ``metrics.jsonl`` line that is not a record: a ``ValueError`` naming the file and what
+                      to do. The one repair made silently is the expected one: the last line of
+                      ``metrics.jsonl`` torn by a kill mid-write is cut on resume (with every record past
+                      the checkpoint's step).
+    no silent restart ``resume=True`` on a directory whose run has no checkpoint (killed before the first
+                      one) says on stderr that it starts from step 0.
 
 Bit-exact resume: a batch is a pure function of ``(seed, step)`` and the LR of ``step``, so a checkpoint
 holds the model, the optimizer, the step, the partial train-loss sum of the current log interval, torch's
@@ -31,10 +48,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
+import sys
 import threading
 import time
+import zlib
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -43,15 +63,19 @@ from typing import Callable
 import torch
 
 from . import parallel as par
-from .data import BatchSampler, load_tokens, val_windows
+from .data import BatchSampler, check_data_dir, load_tokens, val_windows
 from .model import GPT, GPTConfig, get_preset
 
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "train_config", "resolve_recipe", "build_model", "make_optimizer", "train_step",
-           "evaluate", "lr_at", "train", "read_metrics"]  # fmt: skip
+           "evaluate", "lr_at", "train", "read_metrics", "load_checkpoint", "checksums", "Interrupted"]  # fmt: skip
 
 METRICS = "metrics.jsonl"
 CHECKPOINT = "ckpt.pt"
 RUN_META = "run.json"
+LOCK = ".lock"
+CHECKSUMS = "checksums"  # the checkpoint's key for {entry path: CRC-32} of everything else in it
+_TEMP_PATTERNS = (f"{CHECKPOINT}.tmp*", f"{METRICS}.tmp*", ".write-test-*")  # left by a process that died mid-write
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # stop at a step boundary, checkpoint, exit
 
 
 @dataclass(frozen=True)
@@ -151,7 +175,7 @@ def build_model(cfg: GPTConfig, recipe, device: torch.device, seed: int = 0) -> 
     if recipe is not None:
         from .. import nn as fnn
 
-        fnn.convert(model, recipe)
+        model = fnn.convert(model, recipe)
     return model.to(device)
 
 
@@ -233,6 +257,81 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)  # a Ctrl-C or crash mid-write never leaves a torn checkpoint
 
 
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _remove_stale_temps(out: Path) -> list[Path]:
+    """Delete the temporary files a killed process left mid-write (the caller holds the run's lock, so
+    no live process is writing them); returns what was removed."""
+    stale = [p for pattern in _TEMP_PATTERNS for p in out.glob(pattern) if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _notice(text: str) -> None:
+    print(f"fourbit: {text}", file=sys.stderr, flush=True)
+
+
+# -- checkpoint integrity -------------------------------------------------------------------------------------
+
+
+def _crc(value) -> int:
+    """CRC-32 of a tensor (dtype, shape and bytes) or of a plain value's repr."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        head = f"{t.dtype}{tuple(t.shape)}".encode()
+        return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), zlib.crc32(head))
+    return zlib.crc32(repr(value).encode())
+
+
+def checksums(obj, prefix: str = "") -> dict[str, int]:
+    """``{path: CRC-32}`` of every leaf of a nested dict/list/tuple of tensors and plain values (paths like
+    ``model/blocks.0.attn.c_attn.weight`` or ``optimizer/state/3/exp_avg``)."""
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return {prefix: _crc(obj)}
+    out: dict[str, int] = {}
+    for k, v in items:
+        out.update(checksums(v, f"{prefix}/{k}" if prefix else str(k)))
+    return out
+
+
+def _damaged(path: Path, why: str) -> ValueError:
+    return ValueError(f"checkpoint {str(path)!r} {why}; it cannot be resumed: move it away and rerun with "
+                      f"--resume (which then starts from step 0), or start over with --overwrite")  # fmt: skip
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """``torch.load`` a ``ckpt.pt`` onto the CPU and verify it against its ``checksums``; a file that is
+    empty, truncated, not a checkpoint or damaged is a ``ValueError`` naming it and saying what to do.
+    A checkpoint without checksums (from an older fourbit) loads with a notice."""
+    path = Path(path)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, pickle.UnpicklingError, RuntimeError, ValueError, OSError) as e:
+        why = " ".join(str(e).split()) or "empty or truncated"
+        raise _damaged(path, f"cannot be read ({type(e).__name__}: {why[:200]})") from None
+    if not isinstance(ck, dict) or "step" not in ck:
+        raise _damaged(path, f"is not a fourbit training checkpoint (a {type(ck).__name__} without 'step')")
+    want = ck.pop(CHECKSUMS, None)
+    if want is None:
+        _notice(f"checkpoint {str(path)!r} has no checksums (written by an older fourbit): loaded unverified")
+        return ck
+    got = checksums(ck)
+    bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise _damaged(path, f"is damaged: {len(bad)} of {len(want)} entries do not match their checksums ({shown})")
+    return ck
+
+
 def _fnn():
     try:
         from .. import nn as fnn
@@ -247,17 +346,66 @@ def _scalar(t: torch.Tensor) -> float:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / METRICS
+    """The records of ``run_dir/metrics.jsonl`` (none if absent); a line that is not a record with a
+    ``step`` is a ``ValueError`` naming the file and line (a torn last line: ``resume`` cuts it)."""
+    records, torn = _read_metrics(Path(run_dir) / METRICS)
+    if torn is not None:
+        raise ValueError(f"{torn}; resuming the run (--resume) cuts it")
+    return records
+
+
+def _read_metrics(path: Path) -> tuple[list[dict], str | None]:
+    """(records, what is wrong with the last line or None). A last line without its newline that is not
+    JSON was torn by a kill mid-write; any other bad line is a ``ValueError``."""
     if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [], None
+    text = path.read_text()
+    lines = text.splitlines()
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = record["step"] if isinstance(record, dict) else None
+        except (json.JSONDecodeError, KeyError):
+            step = None
+        if not isinstance(step, int):
+            if i == len(lines) and not text.endswith("\n"):
+                return records, f"{str(path)!r}: line {i}, the last, is torn ({line[:40]!r})"
+            raise ValueError(f"{str(path)!r} line {i} is not a metrics record ({line[:60]!r}); "
+                             f"delete the line, or start over with --overwrite")  # fmt: skip
+        records.append(record)
+    return records, None
+
+
+def _read_run_meta(out: Path) -> dict:
+    path = out / RUN_META
+    try:
+        meta = json.loads(path.read_text())
+        config = meta["config"]
+    except FileNotFoundError:
+        raise ValueError(f"{str(out)!r} holds a checkpoint but no {RUN_META} (the run's config): restore it, "
+                         f"or start over with --overwrite") from None  # fmt: skip
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{str(path)!r} is not a run record ({type(e).__name__}: {e}): restore it (it holds "
+                         f"the run's config), or start over with --overwrite") from None  # fmt: skip
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(path)!r} has no config object: restore it, or start over with --overwrite")
+    return config
+
+
+def _run_files(out: Path) -> list[str]:
+    """The files of a previous run in ``out`` (what a fresh start would delete)."""
+    names = (RUN_META, METRICS, CHECKPOINT, par.SHARDED_CHECKPOINT)
+    return [n for n in names if (out / n).exists()]
 
 
 def _comparable(cfg: TrainConfig) -> dict:
     """Config fields that must match for a resume (device, compile and data_dir do not change the math
     of a step on the same machine)."""
     d = asdict(cfg)
-    for k in ("device", "compile", "data_dir", "parallel"):
+    for k in ("device", "compile", "data_dir", "parallel", "ckpt_every"):  # ckpt_every: only when it saves
         d.pop(k)
     return d
 
@@ -267,7 +415,7 @@ class _RunLock:
     ``compare`` commands sharing an output folder) is refused instead of interleaving two runs' files."""
 
     def __init__(self, out: Path):
-        self.path = out / ".lock"
+        self.path = out / LOCK
 
     def __enter__(self):
         try:
@@ -289,27 +437,38 @@ class _RunLock:
         return False
 
 
-class _StopOnSigint:
-    """The first Ctrl-C sets a flag the loop checks between steps (so the checkpoint is of a whole step);
-    a second one interrupts at once."""
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal (Ctrl-C's SIGINT, or SIGTERM from ``kill``, a scheduler, a container
+    stop). ``signum`` is the signal; a process should exit with ``128 + signum`` (130, 143)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+class _StopOnSignals:
+    """SIGINT and SIGTERM while training (``loop=True``) set a flag the loop checks between steps, so the
+    checkpoint is of a whole step; before the loop, or a second signal, interrupt at once. Either way the
+    run's ``with`` blocks unwind, so ``.lock`` is removed."""
 
     def __init__(self):
-        self.requested = False
-        self._old = None
+        self.requested: int | None = None
+        self.loop = False
+        self._old: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in _SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if not self.loop or self.requested is not None:
+            raise Interrupted(f"stopped by {signal.Signals(signum).name}", signum)
+        self.requested = signum
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
         return False
 
 
@@ -318,18 +477,24 @@ def train(
     out: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     position: int | None = None,
     callback: Callable[[int], None] | None = None,
 ) -> Path:
     """Train under ``cfg`` into ``out`` (``metrics.jsonl``, ``ckpt.pt``, ``run.json``); returns ``out``.
 
-    ``resume=True`` continues from ``out/ckpt.pt`` when it exists (a finished run returns at once).
-    ``progress`` shows a tqdm bar (at terminal row ``position`` when several runs share a terminal).
-    ``callback(step)`` runs after each completed step (tests use it to simulate Ctrl-C).
-    Raises ``KeyboardInterrupt`` after saving a checkpoint when interrupted.
+    ``resume=True`` continues from ``out/ckpt.pt`` when it exists (a finished run returns at once; a run
+    without a checkpoint starts from step 0 and says so). A directory that holds a run is otherwise
+    refused, unless ``overwrite=True`` deletes it. ``progress`` shows a tqdm bar (at terminal row
+    ``position`` when several runs share a terminal). ``callback(step)`` runs after each completed step
+    (tests use it to simulate Ctrl-C). Raises ``Interrupted`` (a ``KeyboardInterrupt``) on SIGINT or
+    SIGTERM, after saving a checkpoint when the loop had started.
     """
     # -- validate everything before any work --------------------------------------------------------------
+    if resume and overwrite:
+        raise ValueError("resume and overwrite are exclusive: continue the run in out, or delete it")
+    check_data_dir(cfg.data_dir)
     get_preset(cfg.preset)
     recipe = resolve_recipe(cfg.recipe, cfg.seed)
     device = resolve_device(cfg.device)
@@ -341,13 +506,21 @@ def train(
     if cfg.batch_size % env.world_size:
         raise ValueError(f"global batch_size={cfg.batch_size} does not split over {env.world_size} ranks")
     out = _writable_dir(Path(out))
-    with _RunLock(out) if env.is_main else nullcontext():  # every rank of a torchrun job trains into out
-        return _train(cfg, out, recipe, device, env, resume=resume, progress=progress and env.is_main,
+    with _StopOnSignals() as stop, _RunLock(out) if env.is_main else nullcontext():  # every rank trains into out
+        if env.is_main:
+            _remove_stale_temps(out)
+        previous = _run_files(out)
+        if previous and not (resume or overwrite):
+            raise ValueError(f"{str(out)!r} holds a previous run ({', '.join(previous)}): continue it with "
+                             f"--resume, or delete it with --overwrite")  # fmt: skip
+        if env.distributed:
+            torch.distributed.barrier()  # every rank has looked before rank 0 writes run.json
+        return _train(cfg, out, recipe, device, env, stop, resume=resume, progress=progress and env.is_main,
                       position=position, callback=callback)  # fmt: skip
 
 
-def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, env: par.DistEnv, *, resume: bool,
-           progress: bool, position: int | None, callback: Callable[[int], None] | None) -> Path:  # fmt: skip
+def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, env: par.DistEnv, stop: _StopOnSignals, *,
+           resume: bool, progress: bool, position: int | None, callback: Callable[[int], None] | None) -> Path:  # fmt: skip
     data = load_tokens(cfg.tokenizer, cfg.data_dir)
     model_cfg = get_preset(cfg.preset, vocab_size=data.vocab_size)
     T, B = model_cfg.block_size, cfg.batch_size
@@ -371,22 +544,23 @@ def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, env: par.D
     start, loss_sum, n_in_interval = 0, torch.zeros((), device=device), 0
     ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
     # the newer of the single-process checkpoint and the sharded one (written by torchrun runs)
-    plain_step = int(torch.load(ckpt_path, weights_only=True)["step"]) if resume and ckpt_path.exists() else None
+    plain = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None  # verified, on the CPU
+    plain_step = int(plain["step"]) if plain is not None else None
     sharded_step = par.sharded_step(out) if resume else None
     use_sharded = sharded_step is not None and (plain_step is None or sharded_step >= plain_step)
     if env.mode is par.Parallel.FSDP2 and plain_step is not None and not use_sharded:
         raise ValueError(f"{str(out)!r} holds a single-process checkpoint; FSDP2 resumes sharded (ckpt_dcp) ones")
     if resume and (plain_step is not None or sharded_step is not None):
-        old = json.loads((out / RUN_META).read_text())["config"]
+        old = _read_run_meta(out)
         diff = {k: (old.get(k), v) for k, v in _comparable(cfg).items() if old.get(k) != v}
         if diff:
             raise ValueError(f"cannot resume {str(out)!r} with a different config: {diff}")
         if use_sharded:
             ck = par.load_sharded(out, raw_model, opt)
         else:
-            ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+            ck = plain
             raw_model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
+            opt.load_state_dict(ck["optimizer"])  # moves the state onto the parameters' device
         start, n_in_interval = int(ck["step"]), int(ck["n_in_interval"])
         loss_sum = ck["loss_sum"].to(device)
         torch.set_rng_state(ck["torch_rng"].cpu())  # RNG states are CPU ByteTensors, whatever map_location did
@@ -394,12 +568,19 @@ def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, env: par.D
             torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
         if fnn is not None and ck.get("fourbit_rng") is not None:
             fnn.load_rng_state(raw_model, ck["fourbit_rng"])
-        kept = [m for m in read_metrics(out) if m["step"] <= start]
+        records, torn = _read_metrics(metrics_path)
+        kept = [m for m in records if m["step"] <= start]
         if env.is_main:
-            metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+            if torn is not None or len(kept) < len(records):
+                _notice(f"resuming at step {start}: {metrics_path} cut to the records up to it"
+                        + (f" ({torn})" if torn else ""))  # fmt: skip
+            _atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
         if start >= cfg.steps:
             return out
     else:
+        if resume and env.is_main and _run_files(out):
+            _notice(f"--resume: {str(out)!r} holds no checkpoint (the run stopped before its first one); "
+                    f"starting from step 0")  # fmt: skip
         if env.is_main:
             (out / RUN_META).write_text(json.dumps(meta, indent=1) + "\n")
             metrics_path.write_text("")
@@ -418,7 +599,8 @@ def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, env: par.D
         if env.distributed:
             par.save_sharded(out, raw_model, opt, state, env)
         else:
-            _atomic_save({"model": raw_model.state_dict(), "optimizer": opt.state_dict(), **state}, ckpt_path)
+            ck = {"model": raw_model.state_dict(), "optimizer": opt.state_dict(), **state}
+            _atomic_save({**ck, CHECKSUMS: checksums(ck)}, ckpt_path)
 
     def log(record: dict) -> None:
         if not env.is_main:
@@ -445,41 +627,44 @@ def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, env: par.D
         from .graphs import GraphedTrainStep
 
         step_fn = GraphedTrainStep(raw_model, opt, device)
+    stop.loop = True  # from here a signal stops at the next step boundary, with a checkpoint
     try:
-        with _StopOnSigint() as stop:
-            for step in range(start, cfg.steps):
-                if fnn is not None:
-                    fnn.set_progress(raw_model, step / cfg.steps)
-                x, y = sampler.batch(step)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss, gnorm = step_fn(model, opt, x, y, lr_at(step, cfg), cfg.grad_clip, device)
-                loss_sum += loss
-                n_in_interval += 1
-                steps_in_timing += 1
-                done = step + 1
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    train_loss = float(par.all_mean(loss_sum, env)) / n_in_interval  # the one host sync per interval
-                    now = time.perf_counter()
-                    rate = steps_in_timing * tokens_per_step / max(now - t_interval, 1e-9)  # excludes eval
-                    val = evaluate(model, xv, yv, 4 * B, device) if done % cfg.eval_every == 0 or done == cfg.steps else None
-                    log({"step": done, "tokens": done * tokens_per_step, "train_loss": train_loss, "val_loss": val,
-                         "lr": lr_at(step, cfg), "grad_norm": _scalar(gnorm), "tokens_per_s": rate,
-                         "elapsed_s": now - t_run})  # fmt: skip
-                    loss_sum, n_in_interval, steps_in_timing = torch.zeros((), device=device), 0, 0
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{train_loss:.3f}", **({"val": f"{val:.3f}"} if val is not None else {}))
+        for step in range(start, cfg.steps):
+            if fnn is not None:
+                fnn.set_progress(raw_model, step / cfg.steps)
+            x, y = sampler.batch(step)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss, gnorm = step_fn(model, opt, x, y, lr_at(step, cfg), cfg.grad_clip, device)
+            loss_sum += loss
+            n_in_interval += 1
+            steps_in_timing += 1
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                train_loss = float(par.all_mean(loss_sum, env)) / n_in_interval  # the one host sync per interval
+                now = time.perf_counter()
+                rate = steps_in_timing * tokens_per_step / max(now - t_interval, 1e-9)  # excludes eval
+                val = evaluate(model, xv, yv, 4 * B, device) if done % cfg.eval_every == 0 or done == cfg.steps else None
+                log({"step": done, "tokens": done * tokens_per_step, "train_loss": train_loss, "val_loss": val,
+                     "lr": lr_at(step, cfg), "grad_norm": _scalar(gnorm), "tokens_per_s": rate,
+                     "elapsed_s": now - t_run})  # fmt: skip
+                loss_sum, n_in_interval, steps_in_timing = torch.zeros((), device=device), 0, 0
                 if bar is not None:
-                    bar.update(1)
-                if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                    save(done)
-                if steps_in_timing == 0:
-                    t_interval = time.perf_counter()  # the next interval's clock starts after eval and save
-                if callback is not None:
-                    callback(done)
-                if par.any_flag(stop.requested, env, device):
-                    save(done)
-                    raise KeyboardInterrupt(f"interrupted after step {done}; checkpoint saved in {out}")
+                    bar.set_postfix(loss=f"{train_loss:.3f}", **({"val": f"{val:.3f}"} if val is not None else {}))
+            if bar is not None:
+                bar.update(1)
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                save(done)
+            if steps_in_timing == 0:
+                t_interval = time.perf_counter()  # the next interval's clock starts after eval and save
+            if callback is not None:
+                callback(done)
+            if par.any_flag(stop.requested is not None, env, device):
+                save(done)
+                signum = stop.requested or signal.SIGINT  # another rank's signal: report it as Ctrl-C
+                raise Interrupted(f"{signal.Signals(signum).name} after step {done}; checkpoint saved in {out}",
+                                  signum)  # fmt: skip
     finally:
+        stop.loop = False
         if bar is not None:
             bar.close()
     return out

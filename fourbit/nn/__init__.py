@@ -1,6 +1,7 @@
 """Quantized training layers: ``QuantLinear``, model conversion, QAT, and the run-time state helpers.
 
-    report = fourbit.nn.convert(model, "nvfp4")      # swap nn.Linear -> QuantLinear in place
+    model = fourbit.nn.convert(model, "nvfp4")       # swap nn.Linear -> QuantLinear in place, returns the model
+    print(fourbit.nn.report(model))                  # what became of each Linear, and why
     for step in range(total):
         fourbit.nn.set_progress(model, step / total)  # only recipes with switch_to_bf16_at need it
         ...
@@ -11,8 +12,13 @@
 from .convert import (
     ConversionReport,
     LayerReport,
+    PlannedLayer,
     convert,
     find_blocks,
+    never_quantized,
+    plan_linears,
+    report,
+    swap_linears,
     load_rng_state,
     quant_linears,
     rng_state,
@@ -30,7 +36,12 @@ __all__ = [
     "ConversionReport",
     "LayerReport",
     "convert",
+    "report",
     "find_blocks",
+    "never_quantized",
+    "plan_linears",
+    "swap_linears",
+    "PlannedLayer",
     "set_recipe",
     "set_progress",
     "set_data_parallel",

@@ -1,5 +1,8 @@
 """Model conversion: swap ``nn.Linear`` for ``QuantLinear`` in place, and manage the run-time state.
 
+    model = fourbit.nn.convert(model, "nvfp4")   # the same model object, its Linears swapped in place
+    print(fourbit.nn.report(model))              # what became of each Linear, and why
+
 ``convert(model, recipe)`` walks the model's ``nn.Linear`` modules in ``named_modules()`` order (their
 index is the layer id used to seed stochastic rounding) and replaces each by a ``QuantLinear`` that
 shares the same Parameter objects (so ``state_dict`` keys, optimizer state and weight tying survive),
@@ -15,6 +18,18 @@ except where a layer stays high precision:
     block mismatch    in/out features not multiples of the recipe's block dims: ``ValueError`` naming the
                       module, or kept with ``on_mismatch="skip"``
 
+It returns the model, as ModelOpt's ``mtq.quantize`` does; a bare ``nn.Linear`` cannot be changed in
+place, so for one the new ``QuantLinear`` is returned (use the return value either way). The
+``ConversionReport`` is kept on the returned module (``report(model)``), logged on the ``fourbit``
+logger, and a conversion that quantizes no Linear, or keeps more than half of those it could quantize,
+warns with the reasons (a 2-block model under a recipe that keeps its first and last block quantizes
+nothing).
+
+One walk for every layer swap (``convert``, ``qat``, ``fourbit.ptq``):
+
+    plan = plan_linears(model, keep=..., skip=..., check=...)   # decide every Linear, change nothing
+    model, rep = swap_linears(model, plan, make, label)         # then swap the chosen ones
+
 Run-time state (the training loop calls these):
 
     set_recipe(model, recipe)      change the GEMM recipe of every converted layer (which layers are
@@ -28,6 +43,8 @@ Run-time state (the training loop calls these):
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,8 +58,13 @@ from .linear import DataParallel, QuantLinear, check_features
 __all__ = [
     "LayerReport",
     "ConversionReport",
+    "PlannedLayer",
     "convert",
+    "report",
     "find_blocks",
+    "never_quantized",
+    "plan_linears",
+    "swap_linears",
     "set_recipe",
     "set_progress",
     "rng_state",
@@ -54,9 +76,15 @@ __all__ = [
 HEAD_NAMES = ("lm_head", "embed_out")  # nanoGPT / Llama / GPT-2 (HF) and GPT-NeoX LM heads
 ON_MISMATCH = ("raise", "skip")
 _COMPILE_PREFIX = "_orig_mod."  # torch.compile's OptimizedModule wraps the model under this name
+_REPORT_ATTR = "_fourbit_report"  # where the last conversion's report is kept on the returned module
+ROOT = "(model)"  # the report's name for a Linear that is the model itself
+HP_BLOCK = "high-precision block"  # the reason convert gives for a layer of the recipe's high-precision blocks
+MOST = 0.5  # warn when more than this fraction of the quantizable Linears stays in high precision
 
 QUANTIZED = "QuantLinear"
 KEPT = "nn.Linear"
+
+log = logging.getLogger("fourbit")
 
 
 @dataclass(frozen=True)
@@ -68,6 +96,7 @@ class LayerReport:
     out_features: int
     became: str  # "QuantLinear" (or "QATLinear" from qat), or "nn.Linear": kept in high precision
     reason: str  # why it was kept, or the recipe it runs
+    always_kept: bool = False  # kept whatever the recipe (tied / LM head / MultiheadAttention)
 
 
 @dataclass(frozen=True)
@@ -88,15 +117,42 @@ class ConversionReport:
     def __len__(self) -> int:
         return len(self.layers)
 
+    def summary(self) -> str:
+        return (f"recipe {self.recipe}: {len(self.quantized)} of {len(self.layers)} linear layers quantized, "
+                f"{len(self.kept)} kept in high precision")  # fmt: skip
+
     def __str__(self) -> str:
         w = max([len("module")] + [len(r.name) for r in self.layers])
         head = f"{'module':<{w}}  {'in':>6}  {'out':>6}  {'became':<11}  reason"
         rows = [f"{r.name:<{w}}  {r.in_features:>6}  {r.out_features:>6}  {r.became:<11}  {r.reason}" for r in self.layers]
-        total = (
-            f"recipe {self.recipe}: {len(self.quantized)} of {len(self.layers)} linear layers quantized, "
-            f"{len(self.kept)} kept in high precision"
-        )
-        return "\n".join([head, "-" * len(head), *rows, total])
+        return "\n".join([head, "-" * len(head), *rows, self.summary()])
+
+    def concern(self) -> str | None:
+        """Why this conversion deserves a warning (nothing quantized, or most layers kept), or None."""
+        optional = [r for r in self.layers if not r.always_kept]
+        kept = [r for r in optional if r.became == KEPT]
+        if self.quantized and len(kept) <= MOST * len(optional):
+            return None
+        shown = "; ".join(f"{r.name}: {r.reason}" for r in kept[:4]) + (" ..." if len(kept) > 4 else "")
+        if not self.layers:
+            return f"{self.recipe}: the model has no nn.Linear layer to quantize"
+        if not optional:
+            return f"{self.recipe}: none of the {len(self.layers)} Linear layers can be quantized " + \
+                f"({'; '.join(f'{r.name}: {r.reason}' for r in self.layers[:4])})"
+        what = "quantized none" if not self.quantized else f"kept {len(kept)} in high precision"
+        return f"{self.recipe}: of {len(optional)} quantizable Linear layers, {what} ({shown})"
+
+
+@dataclass(frozen=True)
+class PlannedLayer:
+    """One Linear of a planned swap: its name (``""`` for the model itself), module, layer id (index in
+    ``named_modules()`` order) and why it stays high precision (``None``: it is swapped)."""
+
+    name: str
+    module: nn.Linear
+    layer_id: int
+    reason: str | None
+    always_kept: bool = False
 
 
 def find_blocks(model: nn.Module) -> tuple[str, list[str]] | None:
@@ -123,11 +179,17 @@ def _block_index(name: str, blocks: tuple[str, list[str]] | None) -> int | None:
     return None
 
 
+def _embedding_weights(model: nn.Module) -> tuple[set[int], set[int]]:
+    """ids and (non-zero) data pointers of every embedding weight: a Linear sharing either is tied to one
+    (the same Parameter, or another Parameter over the same storage, as some loaders produce)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    return {id(w) for w in weights}, {w.data_ptr() for w in weights if w.data_ptr()}
+
+
 def _never_quantized(model: nn.Module, blocks) -> dict[str, str]:
     """Linears that stay high precision whatever the recipe, with the reason."""
-    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    emb_weights = {id(m.weight) for m in embeddings}
-    vocab_sizes = {m.num_embeddings for m in embeddings}
+    emb_ids, emb_ptrs = _embedding_weights(model)
+    vocab_sizes = {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}
     out: dict[str, str] = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
@@ -136,13 +198,20 @@ def _never_quantized(model: nn.Module, blocks) -> dict[str, str]:
                     out[f"{name}.{child}" if name else child] = "inside nn.MultiheadAttention (used functionally)"
         if not isinstance(m, nn.Linear) or name in out:
             continue
-        if id(m.weight) in emb_weights:
+        if id(m.weight) in emb_ids or (m.weight.data_ptr() and m.weight.data_ptr() in emb_ptrs):
             out[name] = "weight tied to an embedding"
         elif name.rsplit(".", 1)[-1] in HEAD_NAMES:
             out[name] = "LM head"
         elif m.out_features in vocab_sizes and _block_index(name, blocks) is None:
             out[name] = "projects onto the vocabulary (LM head)"
     return out
+
+
+def never_quantized(model: nn.Module) -> dict[str, str]:
+    """``{name: reason}`` of the Linears every swap keeps in high precision: tied to an embedding, LM heads
+    (by name, or projecting onto an embedding's vocabulary from outside the blocks), and the Linears
+    inside ``nn.MultiheadAttention`` (it calls them functionally, so a swapped module would be bypassed)."""
+    return _never_quantized(model, find_blocks(model))
 
 
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -152,7 +221,7 @@ def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def check_swap_args(fn: str, model, skip, on_mismatch: str) -> None:
-    """The argument checks shared by ``convert`` and ``qat``."""
+    """The argument checks shared by ``convert``, ``qat`` and ``plan_linears``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn} expects an nn.Module, got {type(model).__name__}")
     if on_mismatch not in ON_MISMATCH:
@@ -161,51 +230,113 @@ def check_swap_args(fn: str, model, skip, on_mismatch: str) -> None:
         raise TypeError(f"skip must be a callable (name, module) -> bool, got {type(skip).__name__}")
 
 
+def plan_linears(
+    model: nn.Module,
+    *,
+    keep: Callable[[str, nn.Linear], str | None] | None = None,
+    skip: Callable[[str, nn.Module], bool] | None = None,
+    check: Callable[[str, nn.Linear], None] | None = None,
+    on_mismatch: str = "raise",
+    fn: str = "plan_linears",
+) -> list[PlannedLayer]:
+    """Decide, without changing anything, what happens to every ``nn.Linear`` of ``model``.
+
+    In order: ``never_quantized`` keeps its layers; ``skip(name, m)`` True keeps one; ``keep(name, m)``
+    may return a reason to keep one (convert: the recipe's high-precision blocks); ``check(name, m)``
+    raises ``ValueError`` for a layer the swap cannot take: re-raised naming ``fn`` (``on_mismatch="raise"``)
+    or the layer is kept with that message (``"skip"``). A model that is itself a Linear is named ``""``.
+    """
+    check_swap_args(fn, model, skip, on_mismatch)
+    never = _never_quantized(model, find_blocks(model))
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    plan = []
+    for layer_id, (name, m) in enumerate(linears):
+        reason = never.get(name)
+        if reason is None and skip is not None and skip(name, m):
+            reason = "skip() returned True"
+        if reason is None and keep is not None:
+            reason = keep(name, m)
+        if reason is None and check is not None:
+            try:
+                check(name, m)
+            except ValueError as e:
+                if on_mismatch == "raise":
+                    raise ValueError(f"{fn}: {e} (pass on_mismatch='skip' to keep it in high precision)") from None
+                reason = str(e)
+        plan.append(PlannedLayer(name, m, layer_id, reason, name in never))
+    return plan
+
+
+def swap_linears(
+    model: nn.Module, plan: list[PlannedLayer], make: Callable[[PlannedLayer], nn.Module], label: str
+) -> tuple[nn.Module, ConversionReport]:
+    """Apply a plan: each layer with no reason becomes ``make(layer)``; a kept one that is a converted
+    subclass goes back to a plain ``nn.Linear`` over the same Parameters. Returns the model (the new
+    module when the model itself was swapped) and the report, also kept on it for ``report(model)``."""
+    rows = []
+    for p in plan:
+        m = p.module
+        new = make(p) if p.reason is None else (as_plain_linear(m) if type(m) is not nn.Linear else None)
+        if new is not None and p.name:
+            _set_child(model, p.name, new)
+        elif new is not None:
+            model = new  # the model is this Linear: it cannot be swapped in place
+        became = KEPT if p.reason is not None else type(new).__name__
+        rows.append(LayerReport(p.name or ROOT, m.in_features, m.out_features, became, p.reason or label, p.always_kept))
+    rep = ConversionReport(label, tuple(rows))
+    object.__setattr__(model, _REPORT_ATTR, rep)  # a plain attribute: not in state_dict, copied by deepcopy
+    return model, rep
+
+
+def report(model: nn.Module) -> ConversionReport:
+    """The ``ConversionReport`` of the last ``convert``/``qat`` of ``model`` (also through torch.compile)."""
+    for m in (model, getattr(model, "_orig_mod", None)):
+        rep = getattr(m, _REPORT_ATTR, None)
+        if isinstance(rep, ConversionReport):
+            return rep
+    raise ValueError(f"report: this {type(model).__name__} was not converted by fourbit.nn.convert or qat")
+
+
+def announce(rep: ConversionReport, fn: str, hint: str | None = None, stacklevel: int = 3) -> None:
+    """Log the report's summary; warn when it quantized nothing or kept most layers (with the reasons)."""
+    log.info("%s: %s", fn, rep.summary())
+    concern = rep.concern()
+    if concern is not None:
+        warnings.warn(f"{fn}: {concern}" + (f"; {hint}" if hint else ""), UserWarning, stacklevel=stacklevel)
+
+
 def convert(
     model: nn.Module,
     recipe: Recipe | str,
     *,
     skip: Callable[[str, nn.Module], bool] | None = None,
     on_mismatch: str = "raise",
-) -> ConversionReport:
-    """Swap the model's ``nn.Linear`` modules for ``QuantLinear`` in place (see the module docstring)."""
+) -> nn.Module:
+    """Swap the model's ``nn.Linear`` modules for ``QuantLinear`` in place and return the model (the new
+    ``QuantLinear`` for a bare Linear); see the module docstring. ``report(model)`` gives what became of each."""
     check_swap_args("convert", model, skip, on_mismatch)
     recipe = get_recipe(recipe)
-
     blocks = find_blocks(model)
     hp_blocks = recipe.high_precision.blocks(len(blocks[1])) if blocks else frozenset()
-    never = _never_quantized(model, blocks)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
-    plan: list[tuple[str, nn.Linear, int, str | None]] = []  # (name, module, layer id, reason kept or None)
-    for layer_id, (name, m) in enumerate(linears):
+    def keep(name: str, m: nn.Linear) -> str | None:
         block = _block_index(name, blocks)
-        if name in never:
-            reason = never[name]
-        elif skip is not None and skip(name, m):
-            reason = "skip() returned True"
-        elif block is not None and block in hp_blocks:
-            reason = f"high-precision block {block} of {len(blocks[1])}"
-        else:
-            reason = None
-            try:
-                check_features(recipe, m.in_features, m.out_features, f"module {name!r}")
-            except ValueError as e:
-                if on_mismatch == "raise":
-                    raise ValueError(f"convert: {e} (pass on_mismatch='skip' to keep it in high precision)") from None
-                reason = f"features not multiples of {recipe.feature_multiple()}"
-        plan.append((name, m, layer_id, reason))
+        if block is not None and block in hp_blocks:
+            return f"{HP_BLOCK} {block} of {len(blocks[1])}"
+        return None
 
-    rows = []
-    for name, m, layer_id, reason in plan:  # mutate only after every layer has been checked
-        if reason is None:
-            _set_child(model, name, QuantLinear.from_linear(m, recipe, layer_id=layer_id))
-            rows.append(LayerReport(name, m.in_features, m.out_features, QUANTIZED, recipe.name))
-        else:
-            if type(m) is not nn.Linear:  # converted before: back to a plain nn.Linear, same Parameters
-                _set_child(model, name, as_plain_linear(m))
-            rows.append(LayerReport(name, m.in_features, m.out_features, KEPT, reason))
-    return ConversionReport(recipe.name, tuple(rows))
+    def check(name: str, m: nn.Linear) -> None:
+        check_features(recipe, m.in_features, m.out_features, f"module {name or ROOT!r}")
+
+    plan = plan_linears(model, keep=keep, skip=skip, check=check, on_mismatch=on_mismatch, fn="convert")
+    make = lambda p: QuantLinear.from_linear(p.module, recipe, layer_id=p.layer_id)  # noqa: E731
+    model, rep = swap_linears(model, plan, make, recipe.name)
+    hint = None
+    if any(r.reason.startswith(HP_BLOCK) for r in rep.layers):
+        hint = (f"recipe.high_precision is '{recipe.high_precision}'; "
+                f"dataclasses.replace(recipe, high_precision=HighPrecision.none()) quantizes every block")  # fmt: skip
+    announce(rep, "convert", hint)
+    return model
 
 
 def as_plain_linear(m: nn.Linear) -> nn.Linear:

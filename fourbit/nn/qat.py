@@ -9,6 +9,12 @@ sees its weight, and optionally its input, as it would be after 4-bit deployment
 
 so fine-tuning moves the high-precision master weights toward values that survive quantization, while
 the optimizer still sees full-precision gradients. Parameters and ``state_dict`` keys are unchanged.
+
+    model = fourbit.nn.qat(model, "nvfp4")     # returns the model, as convert does
+    print(fourbit.nn.report(model))            # the QATLinear / kept table
+
+The swap is ``convert``'s (``plan_linears`` + ``swap_linears``): the same layers are never quantized, a
+bare Linear comes back as a new ``QATLinear``, and a qat that fake-quantizes nothing warns.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from torch import nn
 
 from ..quantize import quantize
 from ..schemes import SchemeConfig, resolve_scheme
-from .convert import KEPT, ConversionReport, LayerReport, _never_quantized, _set_child, check_swap_args, find_blocks
+from .convert import ROOT, announce, check_swap_args, plan_linears, swap_linears
 
 __all__ = ["QATLinear", "fake_quantize", "qat"]
 
@@ -76,31 +82,17 @@ def qat(
     activations: bool = False,
     skip: Callable[[str, nn.Module], bool] | None = None,
     on_mismatch: str = "raise",
-) -> ConversionReport:
-    """Insert fake quantization into the model's Linears in place; returns what became of each."""
+) -> nn.Module:
+    """Insert fake quantization into the model's Linears in place and return the model (the new
+    ``QATLinear`` for a bare Linear); ``fourbit.nn.report(model)`` gives what became of each."""
     check_swap_args("qat", model, skip, on_mismatch)
     config = resolve_scheme(scheme)
-    never = _never_quantized(model, find_blocks(model))
-    plan = []
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.Linear):
-            continue
-        reason = never.get(name)
-        if reason is None and skip is not None and skip(name, m):
-            reason = "skip() returned True"
-        if reason is None:
-            try:
-                _check_qat_features(config, m.in_features, m.out_features, f"module {name!r}")
-            except ValueError as e:
-                if on_mismatch == "raise":
-                    raise ValueError(f"qat: {e} (pass on_mismatch='skip' to leave it unquantized)") from None
-                reason = f"features do not fit {config.name} blocks {config.block}"
-        plan.append((name, m, reason))
-    rows = []
-    for name, m, reason in plan:
-        if reason is None:
-            _set_child(model, name, QATLinear.from_linear(m, config, activations=activations))
-            rows.append(LayerReport(name, m.in_features, m.out_features, "QATLinear", f"fake {config.name}"))
-        else:
-            rows.append(LayerReport(name, m.in_features, m.out_features, KEPT, reason))
-    return ConversionReport(f"qat {config.name}", tuple(rows))
+
+    def check(name: str, m: nn.Linear) -> None:
+        _check_qat_features(config, m.in_features, m.out_features, f"module {name or ROOT!r}")
+
+    plan = plan_linears(model, skip=skip, check=check, on_mismatch=on_mismatch, fn="qat")
+    make = lambda p: QATLinear.from_linear(p.module, config, activations=activations)  # noqa: E731
+    model, rep = swap_linears(model, plan, make, f"qat {config.name}")
+    announce(rep, "qat")
+    return model
