@@ -86,11 +86,58 @@ def test_logits_equal_dequantize_then_matmul(scheme, activations):
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_stored_weight_is_the_core_quantization(scheme):
     base = tiny_llama()
-    q = ptq(tiny_llama(), scheme, progress=False)
+    q = ptq(tiny_llama(), scheme, fuse=[], progress=False)
     for name, m in quantized_linears(q).items():
         w = dict(base.named_modules())[name].weight.detach()
         expect = quantize(w, m.config, pad=True).dequantize()
         assert torch.equal(reference_weight(m), expect), name
+
+
+FUSED = [("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))]
+
+
+@pytest.mark.parametrize("activations", [False, True], ids=["W", "W+A"])
+def test_fused_groups_share_the_max_amax(activations):
+    """q/k/v and gate/up: one tensor scale from the group's max weight amax, one input amax; each weight
+    then quantized against it (the core quantizer given that amax), block scales after."""
+    base = tiny_llama()
+    q = ptq(tiny_llama(), "nvfp4", activations=activations, calibration=batches(), progress=False)
+    mods, qmods = dict(base.named_modules()), quantized_linears(q)
+    for layer in range(2):
+        for parent, children in FUSED:
+            names = [f"model.layers.{layer}.{parent}.{c}" for c in children]
+            group_amax = max(float(mods[n].weight.detach().abs().max()) for n in names)
+            own = {float(mods[n].weight.detach().abs().max()) for n in names}
+            assert len(own) == len(names), "members must differ for the test to mean anything"
+            for n in names:
+                m = qmods[n]
+                assert torch.equal(m.weight_tensor_scale, qmods[names[0]].weight_tensor_scale), n
+                expect = quantize(mods[n].weight.detach(), "nvfp4", amax=group_amax)
+                assert torch.equal(reference_weight(m), expect.dequantize()), n
+                if activations:
+                    assert torch.equal(m.input_amax, qmods[names[0]].input_amax), n
+    # o_proj and down_proj stand alone
+    alone = quantize(mods["model.layers.0.mlp.down_proj"].weight.detach(), "nvfp4").dequantize()
+    assert torch.equal(reference_weight(qmods["model.layers.0.mlp.down_proj"]), alone)
+
+
+def test_user_fuse_groups_and_errors():
+    q = ptq(tiny_llama(), "nvfp4", fuse=[["model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.q_proj"]],
+            progress=False)  # fmt: skip
+    qm = quantized_linears(q)
+    assert torch.equal(qm["model.layers.0.self_attn.o_proj"].weight_tensor_scale,
+                       qm["model.layers.0.self_attn.q_proj"].weight_tensor_scale)  # fmt: skip
+    assert not torch.equal(qm["model.layers.0.self_attn.q_proj"].weight_tensor_scale,
+                           qm["model.layers.0.self_attn.k_proj"].weight_tensor_scale)  # fmt: skip
+    with pytest.raises(ValueError, match="in_features"):
+        ptq(tiny_llama(), "nvfp4", fuse=[["model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj"]])
+    with pytest.raises(ValueError, match="'lm_head' is not a Linear being quantized"):
+        ptq(tiny_llama(), "nvfp4", fuse=[["lm_head", "model.layers.0.mlp.up_proj"]])
+    with pytest.raises(ValueError, match="two groups"):
+        ptq(tiny_llama(), "nvfp4", fuse=[["model.layers.0.mlp.up_proj", "model.layers.0.mlp.gate_proj"],
+                                         ["model.layers.0.mlp.up_proj"]])  # fmt: skip
+    with pytest.raises(TypeError, match="string"):
+        ptq(tiny_llama(), "nvfp4", fuse=["model.layers.0.mlp.up_proj"])
 
 
 def test_fp8_blockwise_pads_partial_blocks():
