@@ -1,5 +1,7 @@
 """NVFP4 checkpoints in the ModelOpt and compressed-tensors layouts: names, dtypes, shapes and scale
-conventions as vLLM's loaders expect them, bit-exact round trip, and rejected bad files."""
+conventions as vLLM's loaders expect them, fused groups, config files, bit-exact round trip, sharded
+reading, and rejected bad files (each case fails on a loader without its check). The third-party
+readers themselves (transformers, compressed-tensors, ModelOpt) are in test_export_readers.py."""
 
 import json
 
@@ -8,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from fourbit.export import CheckpointError, export, load_quantized
-from fourbit.ptq import QuantizedLinear, ptq, quantized_linears
+from fourbit.ptq import QuantizedLinear, fused_groups, ptq, quantized_linears
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,8 +32,10 @@ def calib():
     return [torch.randint(0, 128, (2, 24), generator=g) for _ in range(2)]
 
 
-def quantized(activations: bool, tie: bool = True) -> nn.Module:
-    return ptq(tiny_llama(tie), "nvfp4", activations=activations, calibration=calib(), progress=False)
+def quantized(activations: bool, tie: bool = True, dtype=torch.bfloat16, **kw) -> nn.Module:
+    """The tiny Llama held in ``dtype`` (bf16: what export writes by default), then PTQ'd."""
+    model = tiny_llama(tie, dtype=dtype)
+    return ptq(model, "nvfp4", activations=activations, calibration=calib(), progress=False, **kw)
 
 
 def ulp(x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +53,8 @@ def exported(request, tmp_path_factory):
 
 
 def test_round_trip_is_bit_exact(exported):
+    """export then load_quantized: same codes, scales and logits (the model held in bf16, the default
+    export dtype)."""
     layout, act, model, out = exported
     loaded = load_quantized(out)
     x = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(5))
@@ -107,9 +113,10 @@ def test_tensor_names_dtypes_shapes(exported):
 def test_scale_conventions(exported):
     layout, act, model, out = exported
     tensors = safetensors_torch.load_file(str(out / "model.safetensors"))
-    base = dict(tiny_llama().named_modules())
+    base = dict(tiny_llama(dtype=torch.bfloat16).named_modules())
+    groups = {n: g for g in fused_groups(model, quantized_linears(model)) for n in g}
     for name, m in quantized_linears(model).items():
-        amax = base[name].weight.detach().abs().max().double()
+        amax = max(base[n].weight.detach().abs().max().double() for n in groups.get(name, (name,)))
         if layout == "modelopt":
             ws2 = tensors[f"{name}.weight_scale_2"]
             assert torch.equal(ws2, m.weight_tensor_scale)  # the decode scale the codes were made for
@@ -123,7 +130,8 @@ def test_scale_conventions(exported):
             a = m.input_amax.double()
             if layout == "modelopt":
                 s = tensors[f"{name}.input_scale"]
-                assert abs(float(s) - float(a / SIX_TIMES_448)) <= SCALE_ULPS * float(ulp((a / SIX_TIMES_448).float()))
+                modelopt = (a / SIX_TIMES_448).float()  # ModelOpt's form, one rounding
+                assert abs(float(s) - float(modelopt)) <= SCALE_ULPS * float(ulp(modelopt))
             else:
                 assert float(tensors[f"{name}.input_global_scale"]) == float((SIX_TIMES_448 / a).float())
 
@@ -152,14 +160,20 @@ def test_configs(exported):
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
     assert config["model_type"] == "llama"
+    # as transformers' save_pretrained writes them (issue 20: these were null for a model built from a config)
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "bfloat16"
+    assert config["transformers_version"] == transformers.__version__
+    gen = transformers.GenerationConfig.from_pretrained(str(out))
+    assert gen.to_diff_dict() == {**model.generation_config.to_diff_dict(), "transformers_version": transformers.__version__}
     if layout == "modelopt":
         hq = json.loads((out / "hf_quant_config.json").read_text())
         algo = "NVFP4" if act else "W4A16_NVFP4"
         assert set(hq) == {"producer", "quantization"}
+        exclude = ["lm_head", "model.embed_tokens"]  # what ModelOpt lists: unquantized Linears and Embeddings
         assert hq["quantization"] == {
-            "quant_algo": algo, "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": ["lm_head"],
+            "quant_algo": algo, "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": exclude,
         }  # fmt: skip
-        assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == algo and qc["ignore"] == ["lm_head"]
+        assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == algo and qc["ignore"] == exclude
         group = qc["config_groups"]["group_0"]
         assert group["targets"] == ["Linear"]
         assert group["weights"] == {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
@@ -172,8 +186,10 @@ def test_configs(exported):
         assert (w["num_bits"], w["type"], w["strategy"], w["group_size"], w["symmetric"], w["dynamic"]) == (
             4, "float", "tensor_group", 16, True, False,
         )  # fmt: skip
+        assert w["scale_dtype"] == "torch.float8_e4m3fn"
         if act:
             assert group["input_activations"]["dynamic"] == "local"
+            assert group["input_activations"]["scale_dtype"] == "torch.float8_e4m3fn"
         else:
             assert group["input_activations"] is None
 
@@ -294,8 +310,32 @@ def test_plain_module_round_trip(tmp_path, layout):
         return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 48, bias=False), nn.LayerNorm(48))
 
     model = ptq(net(), "nvfp4", activations=True, calibration=[torch.randn(8, 32)], skip=[], progress=False)
-    export(model, tmp_path, layout)
+    export(model, tmp_path, layout, dtype=None)  # float32 kept: the round trip is bit-exact
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float32"
     loaded = load_quantized(tmp_path, model=net())
     assert isinstance(loaded[0], QuantizedLinear) and loaded[0].bias is not None
     x = torch.randn(4, 32)
     assert torch.equal(model(x), loaded(x))
+    # the default bf16 export: biases and the norm in bf16, the skeleton cast to bf16 on load
+    export(model, tmp_path / "bf16", layout)
+    t = safetensors_torch.load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert t["0.bias"].dtype == t["3.weight"].dtype == torch.bfloat16
+    loaded = load_quantized(tmp_path / "bf16", model=net())
+    assert loaded[3].weight.dtype == torch.bfloat16 and torch.equal(loaded[3].weight, model[3].weight.bfloat16())
+
+
+def test_float32_model_export_dtypes(tmp_path):
+    """dtype=None keeps float32 (bit-exact round trip of a float32 model); the default writes bf16."""
+    model = quantized(True, dtype=torch.float32)
+    export(model, tmp_path / "f32", "modelopt", dtype=None)
+    loaded = load_quantized(tmp_path / "f32")
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, loaded(x).logits)
+    export(model, tmp_path / "bf16", "compressed-tensors")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    t = safetensors_torch.load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert {v.dtype for k, v in t.items() if "norm" in k or "embed" in k} == {torch.bfloat16}
+    assert load_quantized(tmp_path / "bf16").model.norm.weight.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="dtype"):
+        export(model, tmp_path / "int", dtype=torch.int8)
