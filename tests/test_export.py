@@ -339,3 +339,199 @@ def test_float32_model_export_dtypes(tmp_path):
     assert load_quantized(tmp_path / "bf16").model.norm.weight.dtype == torch.bfloat16
     with pytest.raises(TypeError, match="dtype"):
         export(model, tmp_path / "int", dtype=torch.int8)
+
+
+# ---------------------------------------------------------------------------------- fused groups
+GLOBAL = {"modelopt": ("weight_scale_2", "input_scale"), "compressed-tensors": ("weight_global_scale", "input_global_scale")}
+MAX_DECODE = {  # vLLM keeps the max per-tensor DECODE scale of a fused group; compressed-tensors stores encode
+    "modelopt": lambda vals: torch.stack(vals).amax(),
+    "compressed-tensors": lambda vals: torch.stack(vals).amin(),
+}
+
+
+def vllm_fuse(src, dst, layout, groups):
+    """Copy a checkpoint, replacing each fused group's global weight and input scales by the one vLLM's
+    QKV / MergedColumn loader keeps (block scales untouched), as ``process_weights_after_loading`` does."""
+
+    def edit(t):
+        for g in groups:
+            for kind in GLOBAL[layout]:
+                names = [f"{n}.{kind}" for n in g if f"{n}.{kind}" in t]
+                if names:
+                    fused = MAX_DECODE[layout]([t[n] for n in names])
+                    for n in names:
+                        t[n] = fused.reshape(t[n].shape).clone()
+
+    return corrupt(src, dst, edit)
+
+
+def test_fused_groups_in_the_file(exported):
+    layout, act, model, out = exported
+    tensors = safetensors_torch.load_file(str(out / "model.safetensors"))
+    groups = fused_groups(model, quantized_linears(model))
+    assert sorted(len(g) for g in groups) == [2, 2, 3, 3]  # q/k/v and gate/up of both layers
+    for g in groups:
+        for kind in GLOBAL[layout][: 2 if act else 1]:
+            vals = [tensors[f"{n}.{kind}"] for n in g]
+            assert all(torch.equal(v, vals[0]) for v in vals), (g, kind)
+
+
+def test_vllm_fused_loading_leaves_logits_unchanged(exported, tmp_path):
+    layout, act, model, out = exported
+    fused = vllm_fuse(out, tmp_path / "fused", layout, fused_groups(model, quantized_linears(model)))
+    x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, load_quantized(fused)(x).logits)
+
+
+def test_unfused_export_is_refused_and_would_decode_wrongly_in_vllm(tmp_path):
+    model = quantized(True, fuse=[])
+    with pytest.raises(ValueError, match="fused by serving engines"):
+        export(model, tmp_path / "refused", "modelopt")
+    out = export(model, tmp_path / "unfused", "modelopt", unfused_ok=True)
+    fused = vllm_fuse(out, tmp_path / "fused", "modelopt", fused_groups(model, quantized_linears(model)))
+    x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, load_quantized(out)(x).logits)
+        assert not torch.equal(model(x).logits, load_quantized(fused)(x).logits)  # what issue 20 saw
+
+
+# ---------------------------------------------------------------------------------- folders
+def test_reexport_into_a_folder_replaces_the_other_layout(w4a4_dirs, tmp_path):
+    model = quantized(True)
+    out = export(model, tmp_path / "both", "modelopt")
+    assert (out / "hf_quant_config.json").exists()
+    export(model, out, "compressed-tensors")
+    assert not (out / "hf_quant_config.json").exists()
+    assert sorted(f.name for f in out.glob("*.safetensors")) == ["model.safetensors"]
+    x = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, load_quantized(out)(x).logits)
+    safetensors_torch.save_file({"x": torch.zeros(1)}, str(out / "adapter.safetensors"))
+    with pytest.raises(ValueError, match="adapter.safetensors"):
+        export(model, out, "modelopt")
+
+
+def shard(src, dst, n=2):
+    """Split a one-file checkpoint into n shards plus model.safetensors.index.json, as HF names them."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    tensors = safetensors_torch.load_file(str(dst / "model.safetensors"))
+    (dst / "model.safetensors").unlink()
+    keys = sorted(tensors)
+    weight_map = {}
+    for i in range(n):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        part = {k: tensors[k] for k in keys[i::n]}
+        safetensors_torch.save_file(part, str(dst / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, fname))
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sharded_checkpoint_reads_through_the_index(w4a4_dirs, tmp_path, layout):
+    from fourbit.export import read_checkpoint_tensors
+
+    sharded = shard(w4a4_dirs[layout], tmp_path / "sharded")
+    one = read_checkpoint_tensors(w4a4_dirs[layout])
+    many = read_checkpoint_tensors(sharded)
+    assert one.keys() == many.keys() and all(torch.equal(one[k].view(torch.uint8) if one[k].dtype == torch.float8_e4m3fn else one[k],
+                                                         many[k].view(torch.uint8) if many[k].dtype == torch.float8_e4m3fn else many[k]) for k in one)  # fmt: skip
+    x = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(load_quantized(w4a4_dirs[layout])(x).logits, load_quantized(sharded)(x).logits)
+
+
+# ---------------------------------------------------------------------------------- issue 22: files that decoded to garbage
+def _with_file(edit_dir):
+    return edit_dir
+
+
+def _extra_file(d):  # a leftover file whose tensor silently overrode the real one
+    safetensors_torch.save_file({"model.norm.weight": torch.zeros(64, dtype=torch.bfloat16)}, str(d / "extra.safetensors"))
+
+
+def _truncate(d):
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _bad_json(name):
+    def edit(d):
+        (d / name).write_text((d / name).read_text()[:-20])
+
+    return edit
+
+
+def _disagree(d):
+    hq = json.loads((d / "hf_quant_config.json").read_text())
+    hq["quantization"]["quant_algo"] = "W4A16_NVFP4"  # config.json says NVFP4
+    (d / "hf_quant_config.json").write_text(json.dumps(hq))
+
+
+def _stale_modelopt(d):  # compressed-tensors folder with a ModelOpt config left from an earlier export
+    (d / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "NVFP4"}}))
+
+
+def _stray_shard(d):
+    sharded = shard(d, d.parent / "tmp-sharded")
+    for f in d.glob("*"):
+        f.unlink()
+    for f in sharded.glob("*"):
+        f.rename(d / f.name)
+    safetensors_torch.save_file({"model.norm.weight": torch.zeros(64, dtype=torch.bfloat16)}, str(d / "model.safetensors"))
+
+
+def _negative_block(t):
+    s = t[f"{LAYER}.weight_scale"].clone()
+    s.view(torch.uint8)[2, 0] |= 0x80  # sign bit: a negative block scale flips the block's weights
+    t[f"{LAYER}.weight_scale"] = s
+
+
+def _tensor_edit(edit):
+    def on_dir(d):
+        tensors = safetensors_torch.load_file(str(d / "model.safetensors"))
+        edit(tensors)
+        safetensors_torch.save_file(tensors, str(d / "model.safetensors"))
+
+    return on_dir
+
+
+ISSUE_22 = [
+    # (case, layout, edit of the folder, regex the CheckpointError must match)
+    ("ct-global-reciprocal-overflows", "compressed-tensors",
+     _tensor_edit(_set(f"{LAYER}.weight_global_scale", torch.full((1,), 2.5e-39))), f"{LAYER}.weight_global_scale"),
+    ("modelopt-global-product-overflows", "modelopt",
+     _tensor_edit(_set(f"{LAYER}.weight_scale_2", torch.tensor(3e38))), f"{LAYER}.weight_scale_2"),
+    ("modelopt-input-product-overflows", "modelopt",
+     _tensor_edit(_set(f"{LAYER}.input_scale", torch.tensor(1e37))), f"{LAYER}.input_scale"),
+    ("ct-negative-global", "compressed-tensors",
+     _tensor_edit(_set(f"{LAYER}.weight_global_scale", torch.full((1,), -3.0e4))), f"{LAYER}.weight_global_scale"),
+    ("modelopt-negative-block", "modelopt", _tensor_edit(_negative_block), f"{LAYER}.weight_scale"),
+    ("ct-negative-block", "compressed-tensors", _tensor_edit(_negative_block), f"{LAYER}.weight_scale"),
+    ("float64-norm", "modelopt",
+     _tensor_edit(_set("model.norm.weight", lambda w: w.double())), "model.norm.weight"),
+    ("float32-bias-free-embed", "compressed-tensors",
+     _tensor_edit(_set("model.embed_tokens.weight", lambda w: w.float())), "model.embed_tokens.weight"),
+    ("extra-safetensors-duplicates", "modelopt", _extra_file, "extra.safetensors"),
+    ("stray-file-beside-index", "compressed-tensors", _stray_shard, "model.safetensors"),
+    ("truncated-safetensors", "modelopt", _truncate, "model.safetensors"),
+    ("invalid-config-json", "compressed-tensors", _bad_json("config.json"), "config.json"),
+    ("invalid-hf-quant-config", "modelopt", _bad_json("hf_quant_config.json"), "hf_quant_config.json"),
+    ("configs-disagree", "modelopt", _disagree, "quant_algo"),
+    ("stale-modelopt-config", "compressed-tensors", _stale_modelopt, "hf_quant_config.json"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case, layout, edit, match", ISSUE_22, ids=[c[0] for c in ISSUE_22])
+def test_issue22_files_are_rejected_naming_the_culprit(w4a4_dirs, tmp_path, case, layout, edit, match):
+    import re
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(w4a4_dirs[layout], bad)
+    edit(bad)
+    with pytest.raises(CheckpointError, match=re.escape(match)):
+        load_quantized(bad)
