@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fourbit.export import CheckpointError, export, load_quantized
 from fourbit.ptq import QuantizedLinear, fused_groups, ptq, quantized_linears
@@ -535,3 +537,71 @@ def test_issue22_files_are_rejected_naming_the_culprit(w4a4_dirs, tmp_path, case
     edit(bad)
     with pytest.raises(CheckpointError, match=re.escape(match)):
         load_quantized(bad)
+
+
+# ---------------------------------------------------------------------------------- fuzzing the loader's scale checks
+def _fuzz_net():
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16, bias=False))
+
+
+@pytest.fixture(scope="module")
+def fuzz_ckpts(tmp_path_factory):
+    """A small W4A4 plain-module checkpoint per layout (loaded with model=, no transformers skeleton)."""
+    model = ptq(_fuzz_net(), "nvfp4", activations=True, calibration=[torch.randn(8, 32)], skip=[], progress=False)
+    root = tmp_path_factory.mktemp("fuzz")
+    out = {}
+    for layout in LAYOUTS:
+        d = export(model, root / layout, layout, dtype=None)
+        out[layout] = (d, safetensors_torch.load_file(str(d / "model.safetensors")))
+    return out
+
+
+SAFE_DECODE = (2.0**-100, 2.0**100)  # decode scales in here (and their encode reciprocals) must always load
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    layout=st.sampled_from(LAYOUTS),
+    which=st.sampled_from(["weight", "input"]),
+    layer=st.sampled_from(["0", "2"]),
+    value=st.one_of(
+        st.floats(width=32),  # NaN, +-Inf, zeros, subnormals, negatives, huge and tiny
+        st.sampled_from([2.5e-39, 2.9e-39, 1.1754942e-38, 3e38, 3.4028235e38, 1e-45, -0.0]),
+        st.floats(min_value=SAFE_DECODE[0], max_value=SAFE_DECODE[1], width=32),
+    ),
+    block_byte=st.one_of(st.none(), st.integers(0, 255)),
+)
+def test_fuzz_scales_load_only_into_finite_numbers(fuzz_ckpts, tmp_path, layout, which, layer, value, block_byte):
+    """Any global scale value (and any one block-scale byte): load_quantized either raises CheckpointError
+    naming the tensor, or every layer decodes to finite weights and finite quantized activations. Decode
+    scales in [2^-100, 2^100] (encode scales their reciprocals) with ordinary block scales always load."""
+    import shutil
+    import uuid
+
+    src, tensors = fuzz_ckpts[layout]
+    name = f"{layer}.{GLOBAL[layout][0 if which == 'weight' else 1]}"
+    t = dict(tensors)
+    t[name] = torch.tensor(value, dtype=torch.float32).reshape(t[name].shape)
+    if block_byte is not None:
+        s = t[f"{layer}.weight_scale"].clone()
+        s.view(torch.uint8)[0, 0] = block_byte
+        t[f"{layer}.weight_scale"] = s
+    d = tmp_path / uuid.uuid4().hex
+    shutil.copytree(src, d)
+    safetensors_torch.save_file(t, str(d / "model.safetensors"))
+    try:
+        model = load_quantized(d, model=_fuzz_net())
+    except CheckpointError as e:
+        assert repr(name) in str(e) or repr(f"{layer}.weight_scale") in str(e), str(e)
+        stored_decode = value if layout == "modelopt" else (1 / value if value else float("inf"))
+        block = None if block_byte is None else float(torch.tensor([block_byte], dtype=torch.uint8).view(torch.float8_e4m3fn).float())
+        safe_block = block is None or (block >= 0 and block == block)  # not negative, not NaN
+        assert not (SAFE_DECODE[0] <= stored_decode <= SAFE_DECODE[1] and safe_block), f"{value} wrongly rejected: {e}"
+        return
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+    for m in quantized_linears(model).values():
+        assert torch.isfinite(m.dequantized_weight()).all()
+        assert torch.isfinite(m.quantize_input(torch.randn(4, m.in_features))).all()
+    with torch.no_grad():
+        model[0](x)  # runs
