@@ -75,14 +75,17 @@ __all__ = [
 
 PTQ_SCHEMES = ("nvfp4", "mxfp4", "fp8", "fp8-blockwise")
 DEFAULT_SKIP = ("lm_head", "*.lm_head")
-# Sibling Linears (child names under one parent) that serving engines fuse into one GEMM: attention
-# q/k/v (Llama, Mistral, Qwen, Gemma, Phi-3's unfused form, ...; BERT-style query/key/value), the MLP's
-# gate/up (Llama-style; Mixtral / DBRX experts w1/w3; GPT-OSS-style gate_up already fused is one Linear).
+# Sibling Linears (child names under one parent) that serving engines fuse into one GEMM (vLLM's
+# QKVParallelLinear / MergedColumnParallelLinear): attention q/k/v (Llama, Mistral, Qwen, Gemma, ...;
+# BERT-style query/key/value), the MLP's gate/up (Llama-style, incl. MoE experts; Mixtral experts w1/w3),
+# DeepSeek MLA's q_a_proj + kv_a_proj_with_mqa (fused_qkv_a_proj). Layers already fused in the HF model
+# (Phi-3 qkv_proj, GPT-OSS gate_up_proj) are one Linear and need nothing.
 FUSED_SIBLINGS = (
     ("q_proj", "k_proj", "v_proj"),
     ("query", "key", "value"),
     ("gate_proj", "up_proj"),
     ("w1", "w3"),
+    ("q_a_proj", "kv_a_proj_with_mqa"),
 )
 MAX_ULP_STEPS = 64  # search radius (float32 ulps) for export-exact amax; a few steps suffice in practice
 

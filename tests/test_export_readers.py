@@ -240,3 +240,19 @@ def test_modelopt_same_codes_and_scales_where_the_amax_agrees(both_exports):
     assert compared >= len(qlins) // 2, f"only {compared} of {len(qlins)} layers had equal decode scales"
     for g in fused_groups(model, qlins):  # ModelOpt shares them too (preprocess_linear_fusion)
         assert len({float(b[f"{n}.weight_scale_2"]) for n in g}) == 1, g
+
+
+def test_load_quantized_reads_modelopts_own_export(both_exports):
+    """The other direction: ModelOpt's checkpoint loads in fourbit; each layer decodes to ModelOpt's
+    formula q * s_b * weight_scale_2 exactly, and the logits are close to fourbit's own export's."""
+    act, model, ours, theirs = both_exports
+    loaded = load_quantized(theirs)
+    b = load(theirs)
+    for name, q in quantized_linears(loaded).items():
+        v = decode_e2m1(b[f"{name}.weight"]).reshape(q.out_features, -1, 16)
+        w = (v * b[f"{name}.weight_scale"].float()[:, :, None] * b[f"{name}.weight_scale_2"]).reshape(q.out_features, -1)
+        assert torch.equal(q.dequantized_weight(), w), name
+    x = tokens()
+    with torch.no_grad():
+        diff = (loaded(x).logits.float() - load_quantized(ours)(x).logits.float()).abs().max()
+    assert float(diff) <= (LOGIT_ATOL_W4A4 if act else LOGIT_ATOL_W4A16 * 4)

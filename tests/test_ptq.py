@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from fourbit import quantize
 from fourbit.hadamard import RHT, rht
 from fourbit.nvfp4 import global_encode_scale
-from fourbit.ptq import QuantizedLinear, amax_for_encode_scale, ptq, quantized_linears, stable_input_amax
+from fourbit.ptq import (
+    QuantizedLinear, amax_for_encode_scale, fused_groups, ptq, quantized_linears, stable_input_amax,
+)  # fmt: skip
 
 transformers = pytest.importorskip("transformers")
 
@@ -119,6 +121,34 @@ def test_fused_groups_share_the_max_amax(activations):
     # o_proj and down_proj stand alone
     alone = quantize(mods["model.layers.0.mlp.down_proj"].weight.detach(), "nvfp4").dequantize()
     assert torch.equal(reference_weight(qmods["model.layers.0.mlp.down_proj"]), alone)
+
+
+def test_fused_group_detection_by_names_and_shapes():
+    """Sibling names of the HF conventions, all being quantized, one in_features; nothing else."""
+
+    def block(**children):
+        m = nn.Module()
+        for name, (i, o) in children.items():
+            setattr(m, name, nn.Linear(i, o))
+        return m
+
+    root = nn.Module()
+    root.attn = block(q_proj=(32, 32), k_proj=(32, 16), v_proj=(32, 16), o_proj=(32, 32))
+    root.bert = block(query=(32, 32), key=(32, 32), value=(32, 32))
+    root.mlp = block(gate_proj=(32, 64), up_proj=(48, 64), down_proj=(64, 32))  # widths differ: no group
+    root.mla = block(q_a_proj=(32, 16), kv_a_proj_with_mqa=(32, 24), kv_b_proj=(24, 32))
+    root.moe = nn.Module()
+    root.moe.experts = nn.ModuleList([block(w1=(32, 64), w2=(64, 32), w3=(32, 64)) for _ in range(2)])
+    root.part = block(q_proj=(32, 32), k_proj=(32, 32), v_proj=(32, 32))
+    names = [n for n, m in root.named_modules() if isinstance(m, nn.Linear) and n != "part.v_proj"]
+    assert fused_groups(root, names) == [
+        ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+        ("bert.query", "bert.key", "bert.value"),
+        ("mla.q_a_proj", "mla.kv_a_proj_with_mqa"),
+        ("moe.experts.0.w1", "moe.experts.0.w3"),
+        ("moe.experts.1.w1", "moe.experts.1.w3"),
+    ]  # part.* lacks v_proj (skipped), so it is not a group
+    assert fused_groups(root, names, fuse=[]) == []
 
 
 def test_user_fuse_groups_and_errors():
