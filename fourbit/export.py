@@ -206,6 +206,13 @@ def compressed_tensors_config(activations: bool, ignore: list[str]) -> dict:
 
 
 # ---------------------------------------------------------------------------------- export
+# QuantizedLinear buffers as ptq makes them; Module.to(dtype) casts float8 and float32 buffers too
+_BUFFER_DTYPES = {
+    "weight_data": torch.uint8, "weight_scales": torch.float8_e4m3fn, "weight_tensor_scale": torch.float32,
+    "weight_encode_scale": torch.float32, "input_amax": torch.float32,
+}  # fmt: skip
+
+
 def _check_exportable(model: nn.Module, unfused_ok: bool) -> tuple[dict[str, QuantizedLinear], bool]:
     qlins = quantized_linears(model)
     if not qlins:
@@ -218,6 +225,13 @@ def _check_exportable(model: nn.Module, unfused_ok: bool) -> tuple[dict[str, Qua
             raise ValueError(f"export: {name!r} is RHT-rotated; neither layout stores the rotation")
         if m.in_features % GROUP_SIZE:
             raise ValueError(f"export: {name!r} has in_features {m.in_features}, not a multiple of {GROUP_SIZE}")
+        for buf, want in _BUFFER_DTYPES.items():
+            got = getattr(m, buf, None)
+            if got is not None and got.dtype != want:
+                raise ValueError(
+                    f"export: {name}.{buf} is {got.dtype}, not {want}: was the model cast (e.g. .to(torch.bfloat16)) "
+                    "after ptq? Cast it before ptq"
+                )
     acts = {m.activations for m in qlins.values()}
     if len(acts) > 1:
         raise ValueError("export: some layers quantize activations and some do not; one quant_algo per file")

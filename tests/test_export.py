@@ -301,6 +301,8 @@ def test_export_refuses_what_the_layouts_cannot_hold(tmp_path):
         export(ptq(tiny_llama(), "nvfp4", rht=True, progress=False), tmp_path / "rht")
     with pytest.raises(ValueError, match="no QuantizedLinear"):
         export(tiny_llama(), tmp_path / "none")
+    with pytest.raises(ValueError, match=r"weight_scales is torch.bfloat16.*Cast it before ptq"):
+        export(ptq(tiny_llama(), "nvfp4", progress=False).to(torch.bfloat16), tmp_path / "cast")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
