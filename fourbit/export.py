@@ -83,6 +83,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .formats import E2M1_MAX, E4M3_MAX
 from .nvfp4 import global_encode_scale
 from .ptq import QuantizedLinear, amax_for_encode_scale, fused_groups, quantized_linears
 from .schemes import NVFP4Config
@@ -103,10 +104,7 @@ CT_PRESETS = {True: "NVFP4", False: "NVFP4A16"}  # keyed by "activations quantiz
 CT_VERSION = "0.20.1"  # the compressed-tensors release whose config the literal matches
 MODELOPT_ALGOS = {True: "NVFP4", False: "W4A16_NVFP4"}
 MODELOPT_JSON_INDENT = 4
-E2M1_MAX = 6.0
-E4M3_MAX = 448.0
 F32 = torch.finfo(torch.float32)
-E4M3_SIGN = 0x80
 
 
 class Layout(enum.Enum):
