@@ -28,6 +28,15 @@ most a few float32 ulps to one whose ``s_enc`` survives ``fp32(1 / fp32(1 / s_en
 float32 values do), and whose ``s_enc`` maps back to it through ``fp32(6 * 448 / s_enc)``
 (``amax_for_encode_scale``).
 
+Fused groups. Serving engines run some sibling Linears as one GEMM: vLLM's ``QKVParallelLinear`` and
+``MergedColumnParallelLinear`` load q/k/v and gate/up into one weight and keep ONE tensor scale for it,
+the max of the members' checkpoint scales, without touching their block scales. A group quantized with
+separate global scales then decodes wrongly there. So ``ptq`` quantizes each such group (found by
+``fused_groups``: Hugging Face sibling names, same input width; or passed as ``fuse=``) against the
+group's maximum weight amax and maximum calibrated input amax, before any block scale is computed, as
+ModelOpt's ``preprocess_linear_fusion`` and llm-compressor's ``update_fused_layer_weight_global_scales``
+do. The model in memory is then exactly what an engine decodes from its export.
+
 Kept in high precision by default: ``lm_head``, every embedding (not a Linear), and any Linear whose
 weight is tied to an embedding's. Four-over-six (NVFP4 only) applies to weights; ``rht=True`` rotates
 weights and inputs of each layer with the same 16x16 random Hadamard transform (``(x R)(W R)^T = x W^T``),
@@ -60,10 +69,24 @@ __all__ = [
     "stable_input_amax",
     "amax_for_encode_scale",
     "quantized_linears",
+    "FUSED_SIBLINGS",
+    "fused_groups",
 ]
 
 PTQ_SCHEMES = ("nvfp4", "mxfp4", "fp8", "fp8-blockwise")
 DEFAULT_SKIP = ("lm_head", "*.lm_head")
+# Sibling Linears (child names under one parent) that serving engines fuse into one GEMM (vLLM's
+# QKVParallelLinear / MergedColumnParallelLinear): attention q/k/v (Llama, Mistral, Qwen, Gemma, ...;
+# BERT-style query/key/value), the MLP's gate/up (Llama-style, incl. MoE experts; Mixtral experts w1/w3),
+# DeepSeek MLA's q_a_proj + kv_a_proj_with_mqa (fused_qkv_a_proj). Layers already fused in the HF model
+# (Phi-3 qkv_proj, GPT-OSS gate_up_proj) are one Linear and need nothing.
+FUSED_SIBLINGS = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("query", "key", "value"),
+    ("gate_proj", "up_proj"),
+    ("w1", "w3"),
+    ("q_a_proj", "kv_a_proj_with_mqa"),
+)
 MAX_ULP_STEPS = 64  # search radius (float32 ulps) for export-exact amax; a few steps suffice in practice
 
 
@@ -173,20 +196,29 @@ class QuantizedLinear(nn.Module):
         *,
         activations: bool = False,
         input_amax: torch.Tensor | None = None,
+        weight_amax: torch.Tensor | None = None,
         rht: RHT | None = None,
     ) -> "QuantizedLinear":
+        """``weight_amax`` (NVFP4): the amax the tensor scale is made from, default the weight's own; a
+        fused group passes its maximum (it must be >= this weight's amax, or codes would saturate)."""
         w = linear.weight.detach()
         m = cls(
             linear.in_features, linear.out_features, config,
             bias=linear.bias is not None, activations=activations, rht=rht, dtype=w.dtype,
         )  # fmt: skip
         w_q = apply_rht(w.float(), -1, transform=rht) if rht is not None else w.float()
-        q = quantize(w_q, config, pad=True)
+        own = w_q.abs().amax()
+        if weight_amax is None or not isinstance(config, NVFP4Config):
+            weight_amax = own
+        weight_amax = torch.as_tensor(weight_amax, dtype=torch.float32).reshape(())
+        if not bool(weight_amax >= own):
+            raise ValueError(f"weight_amax {float(weight_amax)} is below the weight's own amax {float(own)}")
+        q = quantize(w_q, config, pad=True, amax=weight_amax if isinstance(config, NVFP4Config) else None)
         m.weight_data.copy_(q.data)
         m.weight_scales.copy_(q.scales.reshape(m.weight_scales.shape))
         if isinstance(config, NVFP4Config):
             scale_max = FOUR_OVER_SIX_SCALE_MAX if config.four_over_six else E4M3_MAX
-            s_enc = global_encode_scale(w_q.abs().amax(), scale_max)
+            s_enc = global_encode_scale(weight_amax, scale_max)
             assert bool(_recip(s_enc) == q.tensor_scale), "s_dec must be fp32(1/s_enc)"
             m.weight_tensor_scale.copy_(q.tensor_scale)
             m.weight_encode_scale.copy_(s_enc)
@@ -278,6 +310,57 @@ def _skipper(model: nn.Module, skip: SkipSpec) -> Callable[[str, nn.Module], boo
     return lambda name, m: id(m) in tied or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+FuseSpec = Iterable[Iterable[str]] | None
+
+
+def fused_groups(model: nn.Module, names: Iterable[str], fuse: FuseSpec = None) -> list[tuple[str, ...]]:
+    """Groups of the Linears ``names`` that share one tensor scale (each group sorted, 2+ members).
+
+    ``fuse=None``: siblings named as in ``FUSED_SIBLINGS`` under one parent, all in ``names``, all with the
+    same ``in_features`` (they read one input). Otherwise ``fuse`` lists the groups by module name
+    (``[]``: none); each must name Linears in ``names`` of one ``in_features``, no name twice.
+    """
+    names = list(names)
+    modules = dict(model.named_modules())
+    chosen = set(names)
+    if fuse is None:
+        groups = []
+        for parent in sorted({n.rpartition(".")[0] for n in names}):
+            for siblings in FUSED_SIBLINGS:
+                full = tuple(f"{parent}.{c}" if parent else c for c in siblings)
+                if all(f in chosen for f in full) and len({modules[f].in_features for f in full}) == 1:
+                    groups.append(full)
+        return groups
+    if isinstance(fuse, str):
+        raise TypeError("fuse must be a list of groups of module names, not a single string")
+    groups, seen = [], set()
+    for g in fuse:
+        if isinstance(g, str):
+            raise TypeError(f"fuse: each group is a list of module names, got the string {g!r}")
+        g = tuple(g)
+        for n in g:
+            if n not in chosen:
+                raise ValueError(f"fuse: {n!r} is not a Linear being quantized")
+            if n in seen:
+                raise ValueError(f"fuse: {n!r} is in two groups")
+            seen.add(n)
+        widths = {modules[n].in_features for n in g}
+        if len(widths) != 1:
+            raise ValueError(f"fuse: group {list(g)} mixes in_features {sorted(widths)}; a fused GEMM reads one input")
+        if len(g) > 1:
+            groups.append(g)
+    return groups
+
+
+def _group_max(values: dict[str, torch.Tensor], groups: list[tuple[str, ...]]) -> dict[str, torch.Tensor]:
+    """Each member of a group mapped to the group's maximum; others unchanged."""
+    out = dict(values)
+    for g in groups:
+        m = torch.stack([values[n].float().reshape(()) for n in g]).amax()
+        out.update({n: m for n in g})
+    return out
+
+
 def _resolve(scheme: str | SchemeConfig, four_over_six: bool) -> SchemeConfig:
     if isinstance(scheme, str):
         key = scheme.lower().replace("_", "-")
@@ -293,6 +376,11 @@ def _resolve(scheme: str | SchemeConfig, four_over_six: bool) -> SchemeConfig:
             raise ValueError(f"four_over_six applies to nvfp4 only, not {config.name}")
         config = replace(config, four_over_six=True)
     return config
+
+
+def _weight_amax(linear: nn.Linear, transform: RHT | None) -> torch.Tensor:
+    w = linear.weight.detach().float()
+    return (apply_rht(w, -1, transform=transform) if transform is not None else w).abs().amax()
 
 
 def _run_batch(model: nn.Module, batch) -> None:
@@ -363,6 +451,7 @@ def ptq(
     skip: SkipSpec = None,
     four_over_six: bool = False,
     rht: bool | RHT = False,
+    fuse: FuseSpec = None,
     progress: bool = True,
 ) -> nn.Module:
     """Quantize ``model``'s Linear layers in place (and return it).
@@ -373,7 +462,9 @@ def ptq(
     ``skip``: fnmatch patterns on module names (default ``DEFAULT_SKIP``, the LM head) or a callable
     ``(name, module) -> bool``; Linears tied to an embedding are always skipped. ``four_over_six``:
     NVFP4 weights pick map-to-4 or map-to-6 per block. ``rht``: True or an ``RHT`` rotates weights and
-    inputs (not exportable).
+    inputs (not exportable). ``fuse`` (NVFP4): groups of Linear names that share one weight tensor scale
+    and one input scale (the group's max amax), default ``fused_groups``' detection of q/k/v and gate/up;
+    ``[]`` quantizes every Linear on its own.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"ptq expects an nn.Module, got {type(model).__name__}")
@@ -396,17 +487,23 @@ def ptq(
                 f"{modules[bad[0]].in_features}: add it to skip="
             )
 
+    groups = fused_groups(model, targets, fuse) if isinstance(config, NVFP4Config) else []
     amax: dict[str, torch.Tensor] = {}
     if activations and isinstance(config, NVFP4Config):
         if calibration is None:
             raise ValueError("ptq: nvfp4 activations need calibration= batches to fix the static tensor scale")
-        amax = calibrate_input_amax(model, targets, calibration, rht=transform, progress=progress)
+        amax = _group_max(calibrate_input_amax(model, targets, calibration, rht=transform, progress=progress), groups)
+    w_amax: dict[str, torch.Tensor] = {}
+    if groups:
+        grouped = {n for g in groups for n in g}
+        w_amax = _group_max({n: _weight_amax(modules[n], transform) for n in grouped}, groups)
 
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
         q = QuantizedLinear.from_linear(
-            modules[name], config, activations=activations, input_amax=amax.get(name), rht=transform
-        )
+            modules[name], config, activations=activations, input_amax=amax.get(name),
+            weight_amax=w_amax.get(name), rht=transform,
+        )  # fmt: skip
         setattr(parent, child, q)
     return model

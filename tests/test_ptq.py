@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from fourbit import quantize
 from fourbit.hadamard import RHT, rht
 from fourbit.nvfp4 import global_encode_scale
-from fourbit.ptq import QuantizedLinear, amax_for_encode_scale, ptq, quantized_linears, stable_input_amax
+from fourbit.ptq import (
+    QuantizedLinear, amax_for_encode_scale, fused_groups, ptq, quantized_linears, stable_input_amax,
+)  # fmt: skip
 
 transformers = pytest.importorskip("transformers")
 
@@ -86,11 +88,86 @@ def test_logits_equal_dequantize_then_matmul(scheme, activations):
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_stored_weight_is_the_core_quantization(scheme):
     base = tiny_llama()
-    q = ptq(tiny_llama(), scheme, progress=False)
+    q = ptq(tiny_llama(), scheme, fuse=[], progress=False)
     for name, m in quantized_linears(q).items():
         w = dict(base.named_modules())[name].weight.detach()
         expect = quantize(w, m.config, pad=True).dequantize()
         assert torch.equal(reference_weight(m), expect), name
+
+
+FUSED = [("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))]
+
+
+@pytest.mark.parametrize("activations", [False, True], ids=["W", "W+A"])
+def test_fused_groups_share_the_max_amax(activations):
+    """q/k/v and gate/up: one tensor scale from the group's max weight amax, one input amax; each weight
+    then quantized against it (the core quantizer given that amax), block scales after."""
+    base = tiny_llama()
+    q = ptq(tiny_llama(), "nvfp4", activations=activations, calibration=batches(), progress=False)
+    mods, qmods = dict(base.named_modules()), quantized_linears(q)
+    for layer in range(2):
+        for parent, children in FUSED:
+            names = [f"model.layers.{layer}.{parent}.{c}" for c in children]
+            group_amax = max(float(mods[n].weight.detach().abs().max()) for n in names)
+            own = {float(mods[n].weight.detach().abs().max()) for n in names}
+            assert len(own) == len(names), "members must differ for the test to mean anything"
+            for n in names:
+                m = qmods[n]
+                assert torch.equal(m.weight_tensor_scale, qmods[names[0]].weight_tensor_scale), n
+                expect = quantize(mods[n].weight.detach(), "nvfp4", amax=group_amax)
+                assert torch.equal(reference_weight(m), expect.dequantize()), n
+                if activations:
+                    assert torch.equal(m.input_amax, qmods[names[0]].input_amax), n
+    # o_proj and down_proj stand alone
+    alone = quantize(mods["model.layers.0.mlp.down_proj"].weight.detach(), "nvfp4").dequantize()
+    assert torch.equal(reference_weight(qmods["model.layers.0.mlp.down_proj"]), alone)
+
+
+def test_fused_group_detection_by_names_and_shapes():
+    """Sibling names of the HF conventions, all being quantized, one in_features; nothing else."""
+
+    def block(**children):
+        m = nn.Module()
+        for name, (i, o) in children.items():
+            setattr(m, name, nn.Linear(i, o))
+        return m
+
+    root = nn.Module()
+    root.attn = block(q_proj=(32, 32), k_proj=(32, 16), v_proj=(32, 16), o_proj=(32, 32))
+    root.bert = block(query=(32, 32), key=(32, 32), value=(32, 32))
+    root.mlp = block(gate_proj=(32, 64), up_proj=(48, 64), down_proj=(64, 32))  # widths differ: no group
+    root.mla = block(q_a_proj=(32, 16), kv_a_proj_with_mqa=(32, 24), kv_b_proj=(24, 32))
+    root.moe = nn.Module()
+    root.moe.experts = nn.ModuleList([block(w1=(32, 64), w2=(64, 32), w3=(32, 64)) for _ in range(2)])
+    root.part = block(q_proj=(32, 32), k_proj=(32, 32), v_proj=(32, 32))
+    names = [n for n, m in root.named_modules() if isinstance(m, nn.Linear) and n != "part.v_proj"]
+    assert fused_groups(root, names) == [
+        ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+        ("bert.query", "bert.key", "bert.value"),
+        ("mla.q_a_proj", "mla.kv_a_proj_with_mqa"),
+        ("moe.experts.0.w1", "moe.experts.0.w3"),
+        ("moe.experts.1.w1", "moe.experts.1.w3"),
+    ]  # part.* lacks v_proj (skipped), so it is not a group
+    assert fused_groups(root, names, fuse=[]) == []
+
+
+def test_user_fuse_groups_and_errors():
+    q = ptq(tiny_llama(), "nvfp4", fuse=[["model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.q_proj"]],
+            progress=False)  # fmt: skip
+    qm = quantized_linears(q)
+    assert torch.equal(qm["model.layers.0.self_attn.o_proj"].weight_tensor_scale,
+                       qm["model.layers.0.self_attn.q_proj"].weight_tensor_scale)  # fmt: skip
+    assert not torch.equal(qm["model.layers.0.self_attn.q_proj"].weight_tensor_scale,
+                           qm["model.layers.0.self_attn.k_proj"].weight_tensor_scale)  # fmt: skip
+    with pytest.raises(ValueError, match="in_features"):
+        ptq(tiny_llama(), "nvfp4", fuse=[["model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj"]])
+    with pytest.raises(ValueError, match="'lm_head' is not a Linear being quantized"):
+        ptq(tiny_llama(), "nvfp4", fuse=[["lm_head", "model.layers.0.mlp.up_proj"]])
+    with pytest.raises(ValueError, match="two groups"):
+        ptq(tiny_llama(), "nvfp4", fuse=[["model.layers.0.mlp.up_proj", "model.layers.0.mlp.gate_proj"],
+                                         ["model.layers.0.mlp.up_proj"]])  # fmt: skip
+    with pytest.raises(TypeError, match="string"):
+        ptq(tiny_llama(), "nvfp4", fuse=["model.layers.0.mlp.up_proj"])
 
 
 def test_fp8_blockwise_pads_partial_blocks():
