@@ -245,14 +245,15 @@ def _usable(*tensors) -> bool:
 QMM_METHODS = ("dequant", "cublas")
 
 
-def qmm(a, b, *, out_dtype: torch.dtype = torch.float32, config: tuple | None = None, method: str = "dequant"):
+def qmm(a, b, *, out_dtype: torch.dtype = torch.float32, config: tuple | None = None, method: str | None = None):
     """``A @ B^T`` (float32 by default) of NVFP4 operands quantized along K: shapes (*, K) and (N, K).
 
-    Each operand is dequantized to BF16 once, then ``method`` ``"dequant"`` (the default) runs the BF16
-    tensor-core GEMM with the tensor scales in its epilogue (``dequant_gemm.scaled_gemm``; ``config`` one of
-    ``dequant_gemm.GEMM_TILES``, autotuned when None) and ``"cublas"`` runs it on cuBLAS. Returns None where
-    no kernel applies (not NVFP4, not on CUDA, no triton).
+    Each operand is dequantized to BF16 once; then ``method`` ``"dequant"`` (the default, None too) runs the
+    BF16 tensor-core GEMM with the tensor scales in its epilogue (``dequant_gemm.scaled_gemm``; ``config`` one
+    of ``dequant_gemm.GEMM_TILES``, autotuned when None) and ``"cublas"`` runs it on cuBLAS. Returns None
+    where no kernel applies (not NVFP4, not on CUDA, no triton).
     """
+    method = method or "dequant"
     if method not in QMM_METHODS:
         raise ValueError(f"qmm: unknown method {method!r}; known: {', '.join(QMM_METHODS)}")
     ma, mb = _nvfp4_matrix(a, "a"), _nvfp4_matrix(b, "b")
