@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Accumulation", "FP32", "HOPPER_FP8", "HOPPER_FP8_PROMOTED"]
+__all__ = ["Accumulation"]
 
 BITS_MIN = 2  # a leading one and at least one more bit
 BITS_MAX = 24  # float32's significand; the limited sum must stay exactly representable in the output
@@ -120,11 +120,6 @@ class Accumulation:
         lead = a.shape[:-1]
         out = _LimitedMatmul.apply(a.reshape(-1, a.shape[-1]), b, self)
         return out.reshape(*lead, b.shape[0])
-
-
-FP32 = Accumulation()
-HOPPER_FP8 = Accumulation(bits=14)
-HOPPER_FP8_PROMOTED = Accumulation(bits=14, promote_every=128)
 
 
 def _check_operands(a: torch.Tensor, b: torch.Tensor) -> None:

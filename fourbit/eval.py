@@ -85,7 +85,9 @@ def load_hf_model(spec: str, dtype: torch.dtype = torch.float32):
 
 
 def is_harness_run(spec: str) -> bool:
-    return (Path(spec) / "run.json").is_file()
+    from .harness.train import RUN_META
+
+    return (Path(spec) / RUN_META).is_file()
 
 
 def load_harness_run(run_dir: str | Path) -> tuple[nn.Module, torch.Tensor]:
@@ -99,21 +101,23 @@ def load_harness_run(run_dir: str | Path) -> tuple[nn.Module, torch.Tensor]:
 
     from .harness.data import load_tokens
     from .harness.model import GPT, GPTConfig
+    from .harness.parallel import SHARDED_CHECKPOINT
+    from .harness.train import CHECKPOINT, RUN_META
 
     run_dir = Path(run_dir)
-    meta = json.loads((run_dir / "run.json").read_text())
+    meta = json.loads((run_dir / RUN_META).read_text())
     model = GPT(GPTConfig(**meta["model"]))
-    if (run_dir / "ckpt.pt").is_file():
-        state = torch.load(run_dir / "ckpt.pt", map_location="cpu", weights_only=True)["model"]
+    if (run_dir / CHECKPOINT).is_file():
+        state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)["model"]
         model.load_state_dict(state)
-    elif (run_dir / "ckpt_dcp").is_dir():
+    elif (run_dir / SHARDED_CHECKPOINT).is_dir():
         import torch.distributed.checkpoint as dcp
 
         state = {"model": model.state_dict()}
-        dcp.load(state, checkpoint_id=str(run_dir / "ckpt_dcp"))
+        dcp.load(state, checkpoint_id=str(run_dir / SHARDED_CHECKPOINT))
         model.load_state_dict(state["model"])
     else:
-        raise FileNotFoundError(f"{run_dir}: no ckpt.pt or ckpt_dcp checkpoint")
+        raise FileNotFoundError(f"{run_dir}: no {CHECKPOINT} or {SHARDED_CHECKPOINT} checkpoint")
     cfg = meta["config"]
     return model.eval(), load_tokens(cfg["tokenizer"], cfg.get("data_dir")).val
 

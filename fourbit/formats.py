@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import re
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,6 @@ __all__ = [
     "E8M0",
     "E2M1_MAX",
     "E4M3_MAX",
-    "E5M2_MAX",
     "FORMATS",
     "get_format",
 ]
@@ -287,25 +287,23 @@ E5M2 = FloatFormat("E5M2", 5, 2, Specials.IEEE)
 E8M0 = FloatFormat("E8M0", 8, 0, Specials.E8M0, bias=127, signed=False)
 
 E2M1_MAX = 6.0  # 1.1b * 2^2
-E2M3_MAX = 7.5  # 1.111b * 2^2
-E3M2_MAX = 28.0  # 1.11b * 2^4
 E4M3_MAX = 448.0  # 1.110b * 2^8 (1.111b * 2^8 is NaN)
-E5M2_MAX = 57344.0  # 1.11b * 2^15
 
 FORMATS: dict[str, FloatFormat] = {f.name.lower(): f for f in (E2M1, E2M3, E3M2, E4M3, E5M2, E8M0)}
 
 
 def get_format(name: str | FloatFormat) -> FloatFormat:
-    """Look a format up by name ("e2m1", "E4M3", ...) or parse any "ExMy" layout."""
+    """Look a format up by name ("e2m1", "E4M3", ...) or parse any "ExMy" layout.
+
+    The suffixes of torch's and ml_dtypes' dtype names are accepted: "fn" (finite, "e4m3fn") and "fnu"
+    (finite and unsigned, "e8m0fnu"); "fp4" is "e2m1"."""
     if isinstance(name, FloatFormat):
         return name
     if not isinstance(name, str):
         raise TypeError(f"format must be a name or FloatFormat, got {type(name).__name__}")
-    key = name.lower().replace("fp4", "e2m1").replace("fn", "").replace("fnu", "")
+    key = re.sub(r"fnu?$", "", name.lower().replace("fp4", "e2m1"))
     if key in FORMATS:
         return FORMATS[key]
-    import re
-
     m = re.fullmatch(r"e(\d)m(\d)", key)
     if m:
         return FloatFormat(name.upper(), int(m.group(1)), int(m.group(2)))

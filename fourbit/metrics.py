@@ -6,18 +6,13 @@ import math
 
 import torch
 
-__all__ = ["mse", "sqnr_db", "max_abs_error", "flushed_to_zero", "error_report"]
+__all__ = ["sqnr_db", "flushed_to_zero"]
 
 
 def _pair(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.shape != x_hat.shape:
         raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(x_hat.shape)}")
     return x.double(), x_hat.double()
-
-
-def mse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    x, x_hat = _pair(x, x_hat)
-    return float((x - x_hat).square().mean())
 
 
 def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -30,23 +25,9 @@ def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
-def max_abs_error(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    x, x_hat = _pair(x, x_hat)
-    return float((x - x_hat).abs().max()) if x.numel() else 0.0
-
-
 def flushed_to_zero(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Fraction of the non-zero inputs that dequantize to zero."""
     x, x_hat = _pair(x, x_hat)
     nonzero = x != 0
     n = int(nonzero.sum())
     return float(((x_hat == 0) & nonzero).sum()) / n if n else 0.0
-
-
-def error_report(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
-    return {
-        "mse": mse(x, x_hat),
-        "sqnr_db": sqnr_db(x, x_hat),
-        "max_abs_error": max_abs_error(x, x_hat),
-        "flushed_to_zero": flushed_to_zero(x, x_hat),
-    }

@@ -123,6 +123,19 @@ def test_get_format_parses_layouts():
     assert set(FORMATS) == {"e2m1", "e2m3", "e3m2", "e4m3", "e5m2", "e8m0"}
 
 
+@pytest.mark.parametrize("fmt", list(ML_DTYPES), ids=str)
+def test_get_format_takes_ml_dtypes_names_and_decodes_as_that_dtype(fmt):
+    """"e8m0fnu", "e4m3fn", "e2m1fn", ...: the part of ml_dtypes' dtype name after ``floatN_`` names the format
+    whose every code decodes as that dtype does (NaN where it has NaN)."""
+    dtype = ML_DTYPES[fmt]
+    name = np.dtype(dtype).name.split("_", 1)[1]
+    assert get_format(name) is FORMATS[fmt.lower()]
+    codes = np.arange(1 << FORMATS[fmt.lower()].bits, dtype=np.uint8)
+    theirs = codes.view(dtype).astype(np.float64)
+    ours = get_format(name).decode(torch.from_numpy(codes)).numpy().astype(np.float64)
+    np.testing.assert_array_equal(ours, theirs)
+
+
 # --- properties -------------------------------------------------------------------------------------
 finite_floats = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, width=32)
 

@@ -169,13 +169,12 @@ def test_wgrad_kernel_matches_transpose_pad_rht_quantize(shape, dtype, use_rht, 
     assert_same_bytes(QuantizedTensor(data, scales, ts, config, a.shape, a.dtype), want)
 
 
-def test_qmm_and_w4a16():
+def test_w4a16_tensor_core_kernel():
+    """The tensor-core W4A16 kernel (weights dequantized in registers, x padded to 16 rows), with split K."""
     from fourbit.kernels import nvfp4_gemm as g
 
     gen = torch.Generator().manual_seed(0)
-    a, b = grid_operand(20, 80, gen), grid_operand(40, 80, gen, (16, 16))
-    out = g._qmm(a, b, g._nvfp4_matrix(a, "a"), g._nvfp4_matrix(b, "b"), torch.float32, (16, 16, 32, 4, 1))
-    gemm_check(out, a.dequantize(), b.dequantize())
+    b = grid_operand(40, 80, gen, (16, 16))
     x = torch.randn(5, 80, generator=gen).bfloat16()
     for split in (1, 2):
         y = g._linear_w4a16(x, b, g._nvfp4_matrix(b, "w"), None, (16, 32, split, 4, 1))
@@ -251,6 +250,42 @@ def test_e2m1_magic_encoder_matches_reference():
     nan = torch.isnan(x)
     assert torch.equal(got[~nan], E2M1.encode(x[~nan]).to(torch.int32))
     assert not bool(got[nan].any())
+
+
+def test_e2m1_decoders_match_reference():
+    """``decode_e2m1`` on every code, and ``decode_e2m1_pair`` (both shifts) on 32-bit words holding every pair
+    of codes at the decoded positions and random bits everywhere else, vs ``E2M1.decode`` (times 2^-126)."""
+    import triton
+    import triton.language as tl
+
+    from fourbit.formats import E2M1
+
+    global _tl_formats  # a jit'd function resolves names in its module's globals, not in this function
+    from fourbit.kernels import tl_formats as _tl_formats
+
+    @triton.jit
+    def decode(code_ptr, word_ptr, out_ptr, lo_ptr, hi_ptr, N: tl.constexpr, SHIFT: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(out_ptr + offs, _tl_formats.decode_e2m1(tl.load(code_ptr + offs)))
+        lo, hi = _tl_formats.decode_e2m1_pair(tl.load(word_ptr + offs), SHIFT)
+        tl.store(lo_ptr + offs, lo)
+        tl.store(hi_ptr + offs, hi)
+
+    def bits(v):  # compared as bit patterns: -0 is code 8
+        return v.view(torch.int32)
+
+    lo_code, hi_code = torch.arange(256) % 16, torch.arange(256) // 16
+    codes = lo_code.to(torch.int32)
+    for shift in (0, 4):
+        noise = torch.randint(0, 1 << 16, (256,), generator=torch.Generator().manual_seed(shift)) * 0x10001
+        noise &= ~(0x000F000F << shift)
+        words = (noise | (lo_code << shift) | (hi_code << (16 + shift))).to(torch.int64)
+        words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+        out, lo, hi = (torch.empty(256) for _ in range(3))
+        decode[(1,)](codes, words, out, lo, hi, N=256, SHIFT=shift)
+        assert torch.equal(bits(out), bits(E2M1.decode(codes.to(torch.uint8))))
+        assert torch.equal(bits(lo), bits(E2M1.decode(lo_code.to(torch.uint8)) * 2.0**-126))
+        assert torch.equal(bits(hi), bits(E2M1.decode(hi_code.to(torch.uint8)) * 2.0**-126))
 
 
 @pytest.mark.parametrize("rank", [None, 1], ids=["one-process", "rank1-of-2"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .train import add_training_args, overrides
 
@@ -39,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
 
     if not finish():
         return 0  # ranks other than 0 of a torchrun job print nothing
-    print((__import__("pathlib").Path(out) / "summary.md").read_text())
+    print((Path(out) / "summary.md").read_text())
     print(f"plot: {out}/loss.png")
     return 0

@@ -1,39 +1,35 @@
-"""NVFP4 GEMMs for Hopper, emulated: packed FP4 + E4M3 scales dequantized in registers, BF16 tensor cores.
+"""NVFP4 GEMMs for Hopper, emulated (no FP4 tensor cores): ``qmm`` (NVFP4 x NVFP4) and ``linear_w4a16``
+(BF16 activations x NVFP4 weights, for decode).
 
 Why it is exact up to accumulation: an E2M1 value (at most 2 significant bits) times an E4M3 scale (at
 most 4) has at most 5 significant bits and an exponent in [-10, 12], so it is exactly a BF16 number; the
 tensor cores multiply BF16 pairs exactly and accumulate in FP32. Only the accumulation order (and the
 final tensor-scale multiply) differs from float64 math on the dequantized operands.
 
-Dequantization, per packed byte ``p`` (two codes: ``p & 0xF`` is element 2i, ``p >> 4`` element 2i+1)::
+``qmm`` dequantizes each operand to BF16 once, then runs a BF16 tensor-core GEMM with the tensor scales in
+its epilogue (``dequant_gemm``; ``method="cublas"`` runs the BF16 GEMM on cuBLAS instead). This file holds
+the operand unpacking (``_nvfp4_matrix``) and the W4A16 kernels.
 
-    bits  = (code & 7) << 22 | (code & 8) << 28   float32 whose value is e2m1(code) * 2^-126 (exact; a
-                                                  float32 subnormal for |code| < 2, just as E2M1's 0.5)
-    w     = bf16(bits * (e4m3(scale) * 2^110))    = e2m1 * scale * 2^-16, exact
-    out   = acc * 2^16 (* 2^16) * tensor scales   in the epilogue
+W4A16 (``linear_w4a16``, x (B, K) BF16 times W (N, K) NVFP4, B <= 16) has two kernels:
 
-The even (low-nibble) and odd (high-nibble) K indices are never interleaved: the K loop does one dot over
-the even half and one over the odd half of each K tile, which sums the same products.
+* B <= ``FMA_MAX_BATCH`` (1) by default (``_w4a16_fma_kernel``, CUDA cores): decode is memory-bound, so the
+  kernel streams the packed weights as 32-bit words (16-byte loads) and turns each word's 8 nibbles into
+  float32 two per multiply (``tl_formats.decode_e2m1_pair``)::
 
-Tiling (``_qmm_kernel``): program (m, n) owns a (BM, BN) output tile and walks K in steps of BK::
-
-    A packed (BM, BK/2) uint8, scales (BM, BK/16) --dequant--> A_even, A_odd (BM, BK/2) bf16
-    B packed (BN, BK/2) uint8, scales (BN, BK/16) --dequant--> B_even, B_odd (BN, BK/2) bf16
-    acc (BM, BN) fp32 += A_even @ B_even^T + A_odd @ B_odd^T
-
-W4A16 (``linear_w4a16``, x (B, K) BF16 times W (N, K) NVFP4) has two kernels:
-
-* batch 1 (``_w4a16_fma_kernel``, CUDA cores): decode is memory-bound, so the kernel streams the packed
-  weights as 32-bit words (16-byte loads) and turns each word's 8 nibbles into float32 with integer tricks,
-  two nibbles per multiply::
-
-      p  = (w & 0x000F000F << 4j) * (2^(6-4j) + 2^(12-4j)) & 0x81C081C0   nibbles j, j+4 as BF16 bits of
-                                                                          e2m1 * 2^-126, one per 16-bit half
-      v  = float32(p << 16), float32(p & 0xFFFF0000)                      the two values, exact
+      v  = e2m1 * 2^-126 of nibbles j and j + 4 of each word           4 x (and, multiply, and, shift)
       y += tw * sum_blocks scale * sum_{i in block} (v_i * 2^126) * x_i   float32 FMAs (products exact)
 
   A program owns BN rows and the whole K (no split-K, no atomics); 28672 rows give 896 programs of 32 rows.
-* batch 2-16 (``_w4a16_kernel``, tensor cores): x padded to 16 rows, the ``_dequant`` above, mma.sync.
+* larger B up to 16 (``_w4a16_kernel``, tensor cores): x padded to 16 rows; each (BN, BK) weight tile is
+  dequantized in registers by ``_dequant``, per packed byte ``p`` (element 2i in the low nibble, 2i+1 in
+  the high one)::
+
+      e2m1 * 2^-126 of p's two nibbles            decode_e2m1_pair(p, 0), decode_e2m1_pair(p, 4)
+      w = bf16(that * (e4m3(scale) * 2^110))      = e2m1 * scale * 2^-16, exact
+      y = acc * 2^16 * tensor scale               in the epilogue
+
+  The even (low-nibble) and odd (high-nibble) K indices are never interleaved: the K loop does one dot over
+  the even half and one over the odd half of each K tile, which sums the same products.
 """
 
 from __future__ import annotations
@@ -43,21 +39,14 @@ import triton
 import triton.language as tl
 
 from ..schemes import NVFP4Config
-from .tiling import grouped_tile
-from .tl_formats import TWO_POW_126, decode_e4m3
+from .tl_formats import TWO_POW_126, decode_e2m1_pair, decode_e4m3
 
 TWO_POW_110 = tl.constexpr(1.298074214633707e33)  # 2^110: e2m1 * 2^-126 * scale * 2^110 = e2m1 * scale * 2^-16
 TWO_POW_16 = tl.constexpr(65536.0)
 
-# (BM, BN, BK, num_warps, num_stages); the benchmark tries each, qmm uses the first unless told
-GEMM_CONFIGS = (
-    (128, 128, 128, 8, 3),
-    (128, 256, 128, 8, 3),
-    (128, 128, 64, 4, 4),
-    (64, 128, 128, 4, 4),
-)
-# (BN, BK, SPLIT_K, num_warps, num_stages) for the tensor-core W4A16 kernel (batch 5-16); the first is the
-# default (the fastest at B = 1 and 16 on an H100, benchmarks/RESULTS.md)
+# (BN, BK, SPLIT_K, num_warps, num_stages) for the tensor-core W4A16 kernel (batches above FMA_MAX_BATCH,
+# or any batch given one of these as its config); the first is the default (the fastest at B = 1 and 16 on
+# an H100, benchmarks/RESULTS.md)
 GEMV_CONFIGS = (
     (128, 256, 1, 8, 3),
     (64, 256, 1, 4, 4),
@@ -90,62 +79,13 @@ def _dequant(packed, scale_codes, BR: tl.constexpr, BK: tl.constexpr, DOT_BF16: 
     s = decode_e4m3(scale_codes.to(tl.int32)) * TWO_POW_110  # (BR, BK/16)
     s = tl.reshape(tl.broadcast_to(s[:, :, None], (BR, BK // 16, 8)), (BR, BK // 2))
     p = packed.to(tl.int32)
-    lo = p & 0xF
-    hi = p >> 4
-    even = ((((lo & 7) << 22) | ((lo & 8) << 28)).to(tl.float32, bitcast=True) * s).to(tl.bfloat16)
-    odd = ((((hi & 7) << 22) | ((hi & 8) << 28)).to(tl.float32, bitcast=True) * s).to(tl.bfloat16)
+    even, _ = decode_e2m1_pair(p, 0)  # the low nibble, e2m1 * 2^-126
+    odd, _ = decode_e2m1_pair(p, 4)  # the high nibble
+    even = (even * s).to(tl.bfloat16)
+    odd = (odd * s).to(tl.bfloat16)
     if not DOT_BF16:
         even, odd = even.to(tl.float32), odd.to(tl.float32)
     return even, odd
-
-
-@triton.jit
-def _qmm_kernel(
-    a_ptr,
-    as_ptr,
-    b_ptr,
-    bs_ptr,
-    ta_ptr,
-    tb_ptr,
-    c_ptr,
-    M,
-    N,
-    K,  # padded K (a multiple of 16)
-    A_SROWS: tl.constexpr,  # 1 for 1x16 blocks, 16 for 16x16
-    B_SROWS: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    DOT_BF16: tl.constexpr,
-):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
-
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_p = tl.arange(0, BK // 2)
-    offs_s = tl.arange(0, BK // 16)
-    KP = K // 2
-    KS = K // 16
-    a_rows = offs_m.to(tl.int64)
-    b_rows = offs_n.to(tl.int64)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k in range(0, K, BK):
-        pk = k // 2 + offs_p
-        sk = k // 16 + offs_s
-        a_p = tl.load(a_ptr + a_rows[:, None] * KP + pk[None, :], mask=(offs_m[:, None] < M) & (pk[None, :] < KP), other=0)
-        a_s = tl.load(as_ptr + (a_rows // A_SROWS)[:, None] * KS + sk[None, :], mask=(offs_m[:, None] < M) & (sk[None, :] < KS), other=0)
-        b_p = tl.load(b_ptr + b_rows[:, None] * KP + pk[None, :], mask=(offs_n[:, None] < N) & (pk[None, :] < KP), other=0)
-        b_s = tl.load(bs_ptr + (b_rows // B_SROWS)[:, None] * KS + sk[None, :], mask=(offs_n[:, None] < N) & (sk[None, :] < KS), other=0)
-        a_even, a_odd = _dequant(a_p, a_s, BM, BK, DOT_BF16)
-        b_even, b_odd = _dequant(b_p, b_s, BN, BK, DOT_BF16)
-        acc = tl.dot(a_even, tl.trans(b_even), acc)
-        acc = tl.dot(a_odd, tl.trans(b_odd), acc)
-    ta = tl.load(ta_ptr)
-    tb = tl.load(tb_ptr)
-    out = acc * TWO_POW_16 * TWO_POW_16 * ta * tb
-    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(c_ptr + a_rows[:, None] * N + offs_n[None, :], out.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
@@ -200,21 +140,6 @@ def _w4a16_kernel(
 
 
 @triton.jit
-def _e2m1_pair(w, J: tl.constexpr):
-    """Nibbles J and J + 4 (J = 0, 1) of uint32 words ``w`` as float32 ``e2m1(code) * 2^-126`` (exact).
-
-    ``(w & 0x000F000F << 4J) * (2^(6-4J) + 2^(12-4J))`` copies each of the two nibbles to bits 6..9 and
-    12..15 of its 16-bit half (no overlap, no carries); masking with 0x81C0 per half leaves the BF16 bits
-    of e2m1 * 2^-126 (magnitude at 6..8, sign at 15) in each half. The high half is then a float32 as it
-    stands, the low half after a 16-bit shift. Nibbles 2, 3, 6, 7 are taken as 0, 1, 4, 5 of ``w >> 8``.
-    """
-    p = (w & (0x000F000F << (4 * J))) * (0x1040 >> (4 * J)) & 0x81C081C0
-    lo = (p << 16).to(tl.float32, bitcast=True)
-    hi = (p & 0xFFFF0000).to(tl.float32, bitcast=True)
-    return lo, hi
-
-
-@triton.jit
 def _fma_batch_row(acc, w, w8, scale, x_ptr, b: tl.constexpr, B, K_X, xk, EVEN_K: tl.constexpr):
     """acc (BN, BKB) += scale * block sums of e2m1(w) * x[b] for one batch row ``b``."""
     BN: tl.constexpr = w.shape[0]
@@ -222,9 +147,9 @@ def _fma_batch_row(acc, w, w8, scale, x_ptr, b: tl.constexpr, B, K_X, xk, EVEN_K
     pw = tl.zeros((BN, BKW), dtype=tl.float32)
     for j in tl.static_range(4):  # nibbles j and j + 4 of every word: elements 8t + j, 8t + j + 4
         if j < 2:
-            v_lo, v_hi = _e2m1_pair(w, j)
+            v_lo, v_hi = decode_e2m1_pair(w, 4 * j)
         else:
-            v_lo, v_hi = _e2m1_pair(w8, j - 2)
+            v_lo, v_hi = decode_e2m1_pair(w8, 4 * (j - 2))
         if EVEN_K:  # no column mask: K_X is a multiple of the K step
             x_lo = tl.load(x_ptr + b * K_X + xk + j, mask=b < B, other=0.0).to(tl.float32)
             x_hi = tl.load(x_ptr + b * K_X + xk + j + 4, mask=b < B, other=0.0).to(tl.float32)
@@ -317,19 +242,18 @@ def _usable(*tensors) -> bool:
     return all(t.is_cuda for t in tensors) and triton_available()
 
 
-QMM_METHODS = ("dequant", "fused", "cublas")
+QMM_METHODS = ("dequant", "cublas")
 
 
 def qmm(a, b, *, out_dtype: torch.dtype = torch.float32, config: tuple | None = None, method: str | None = None):
     """``A @ B^T`` (float32 by default) of NVFP4 operands quantized along K: shapes (*, K) and (N, K).
 
-    ``method``: ``"dequant"`` (the default: each operand dequantized to BF16 once, then a BF16 tensor-core
-    GEMM with the tensor scales in its epilogue, ``dequant_gemm``), ``"fused"`` (dequantized in registers
-    inside the GEMM, ``_qmm_kernel``; the default when a ``GEMM_CONFIGS`` ``config`` is given) or
-    ``"cublas"`` (dequantized, then cuBLAS). Returns None where no kernel applies (not NVFP4, not on CUDA,
-    no triton).
+    Each operand is dequantized to BF16 once; then ``method`` ``"dequant"`` (the default, None too) runs the
+    BF16 tensor-core GEMM with the tensor scales in its epilogue (``dequant_gemm.scaled_gemm``; ``config`` one
+    of ``dequant_gemm.GEMM_TILES``, autotuned when None) and ``"cublas"`` runs it on cuBLAS. Returns None
+    where no kernel applies (not NVFP4, not on CUDA, no triton).
     """
-    method = method or ("fused" if config is not None else "dequant")
+    method = method or "dequant"
     if method not in QMM_METHODS:
         raise ValueError(f"qmm: unknown method {method!r}; known: {', '.join(QMM_METHODS)}")
     ma, mb = _nvfp4_matrix(a, "a"), _nvfp4_matrix(b, "b")
@@ -339,25 +263,10 @@ def qmm(a, b, *, out_dtype: torch.dtype = torch.float32, config: tuple | None = 
         raise ValueError(f"qmm: K differs: a {tuple(a.shape)} (padded {ma[4]}), b {tuple(b.shape)} (padded {mb[4]})")
     if len(b.shape) != 2:
         raise ValueError(f"qmm: b must be a matrix (N, K), got shape {tuple(b.shape)}")
-    if method == "fused":
-        return _qmm(a, b, ma, mb, out_dtype, config)
     from .dequant_gemm import qmm_dequant
 
     c = qmm_dequant(ma, mb, out_dtype, tile=config, cublas=method == "cublas")
     return c.reshape(*a.shape[:-1], mb[3])
-
-
-def _qmm(a, b, ma, mb, out_dtype, config):
-    a_p, a_s, ta, M, ka, a_br = ma
-    b_p, b_s, tb, N, kb, b_br = mb
-    BM, BN, BK, warps, stages = config or GEMM_CONFIGS[0]
-    c = torch.empty((M, N), dtype=out_dtype, device=a.data.device)
-    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-    _qmm_kernel[grid](
-        a_p, a_s, b_p, b_s, ta, tb, c, M, N, ka,
-        A_SROWS=a_br, B_SROWS=b_br, BM=BM, BN=BN, BK=BK, GROUP_M=8, DOT_BF16=a_p.is_cuda, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    return c.reshape(*a.shape[:-1], N)
 
 
 def linear_w4a16(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, config: tuple | None = None):

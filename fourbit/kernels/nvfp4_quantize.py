@@ -132,7 +132,7 @@ def _quantize_kernel(
     col_off,
     c_index,
     key,
-    SCALE_BOUND: tl.constexpr,  # 6 * 448 (or 6 * 256 with four-over-six)
+    SCALE_BOUND: tl.constexpr,  # E2M1_MAX * E4M3_MAX = 6 * 448 (four-over-six has no kernel: _launch refuses it)
     ONE_SIXTH_C: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,  # 1 or 16
     STOCHASTIC: tl.constexpr,

@@ -28,7 +28,7 @@ HASH_MUL2 = tl.constexpr(0x846CA68B)
 TWO_POW_M24 = tl.constexpr(5.960464477539063e-08)  # 2^-24
 RNE_MAGIC = tl.constexpr(8388608.0)  # 2^23: (v + 2^23) - 2^23 rounds v half-to-even to an integer
 F32_MAX = tl.constexpr(3.4028234663852886e38)
-TWO_POW_126 = tl.constexpr(8.507059173023462e37)  # 2^126: float32 bits (m << 22) are e2m1(m) * 2^-126
+TWO_POW_126 = tl.constexpr(8.507059173023462e37)  # 2^126: decode_e2m1_pair gives e2m1 * 2^-126
 
 
 @triton.jit
@@ -142,29 +142,15 @@ def encode_e2m1(x, rbits, STOCHASTIC: tl.constexpr):
 
 
 @triton.jit
-def encode_e2m1_rne(x):
-    """float32 -> E2M1 code by round-half-even thresholds; equals ``encode_e2m1(x, 0, False)`` for every x.
-
-    |x| rounds to 0, 0.5, 1, 1.5, 2, 3, 4, 6 with ties to the even code: up at 0.75, 1.75, 3.5 (``>=``),
-    down at 0.25, 1.25, 2.5, 5 (``>``); Inf saturates to 6; NaN (all comparisons false) gives +0.
-    """
-    a = tl.abs(x)
-    mag = (a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32) + (a >= 1.75).to(tl.int32)
-    mag += (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32)
-    negative = (x.to(tl.int32, bitcast=True) < 0) & (x == x)
-    return mag | (negative.to(tl.int32) << 3)
-
-
-@triton.jit
 def encode_e2m1_rne_magic(x):
-    """float32 -> E2M1 code, round-half-even; equals ``encode_e2m1_rne`` (and the reference) for every x.
+    """float32 -> E2M1 code, round-half-even; equals ``encode_e2m1(x, 0, False)`` and ``E2M1.encode`` for every x.
 
     ``a = min(|x|, 6)`` (NaN gives 6, fixed at the end); ``M = 2^(22 + e)`` with ``e = floor(log2 max(a, 1))``
     in {0, 1, 2}, so ``ulp(M) = 2^(e-1)`` is E2M1's spacing in a's binade (0.5 below 2, then 1, then 2).
     ``a + M`` rounds a half-to-even onto that grid (one IEEE add), and ``bits(a + M) - bits(M)`` counts
     grid steps: the code is that count plus ``2e``. About 10 integer/float operations instead of seven
-    compares and their sums. -0 and negatives below the first midpoint keep the sign (code 8), as the
-    reference does; NaN gives +0.
+    threshold compares and their sums, or ``encode_exmy``'s general path. -0 and negatives below the first
+    midpoint keep the sign (code 8), as the reference does; NaN gives +0.
     """
     xb = x.to(tl.int32, bitcast=True)
     a = tl.minimum((xb & 0x7FFFFFFF).to(tl.float32, bitcast=True), 6.0)
@@ -190,7 +176,27 @@ def decode_e4m3(code):
 
 
 @triton.jit
+def decode_e2m1_pair(w, SHIFT: tl.constexpr):
+    """The two E2M1 codes at bits SHIFT..SHIFT+3 and SHIFT+16..SHIFT+19 of 32-bit words ``w`` (SHIFT 0 or 4;
+    the other bits are ignored) -> (float32 ``e2m1(low code) * 2^-126``, ``e2m1(high code) * 2^-126``), exact.
+
+    The one E2M1 decode of the kernels. A BF16 number whose exponent field is E2M1's two exponent bits and
+    whose top mantissa bit is E2M1's mantissa bit is ``e2m1 * 2^-126`` (E2M1's bias is 1, BF16's 127; a BF16
+    subnormal for exponent 0, just as E2M1's 0.5 is subnormal). So each code only has to be moved into place
+    in its 16-bit half: the multiply by ``2^(6-SHIFT) + 2^(12-SHIFT)`` copies the code to bits 6..9 and
+    12..15 of its half (no overlap, no carries), and the mask 0x81C0 per half keeps the magnitude at bits
+    6..8 (BF16's top mantissa bit and two lowest exponent bits) and the sign at bit 15. The high half is then
+    a float32 as it stands, the low half after a 16-bit shift: two codes for one multiply, the ``2^126`` left
+    to a scale multiply the caller does anyway (``decode_e2m1`` does it when there is none)."""
+    w = w.to(tl.uint32, bitcast=True)  # int32 codes and bytes too (a no-op on the bits)
+    p = (w & (0x000F000F << SHIFT)) * (0x1040 >> SHIFT) & 0x81C081C0
+    lo = (p << 16).to(tl.float32, bitcast=True)
+    hi = (p & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
 def decode_e2m1(code):
-    """E2M1 code (int32, 0-15) -> float32, exact: the code's magnitude bits placed at float32's bits 22-24 and
-    its sign at bit 31 read as e2m1 * 2^-126 (a subnormal below 1, as E2M1's 0.5 is), times 2^126."""
-    return (((code & 7) << 22) | ((code & 8) << 28)).to(tl.float32, bitcast=True) * TWO_POW_126
+    """E2M1 code (int32, 0-15) -> float32, exact: ``decode_e2m1_pair``'s low value times 2^126."""
+    v, _ = decode_e2m1_pair(code, 0)
+    return v * TWO_POW_126
