@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # subcommand -> module; each module imports its heavy dependencies lazily inside its function
-COMMANDS = ("formats", "train", "compare", "ptq", "explore", "accumulate")
+COMMANDS = ("formats", "train", "compare", "ptq", "explore", "accumulate", "report", "diagnose")
 
 
 def build_parser() -> argparse.ArgumentParser:
