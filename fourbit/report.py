@@ -178,7 +178,7 @@ def gap_table(rows: list[GapRow], what: str = "val") -> list[str]:
              "|---|---|---|---|---|---|"]  # fmt: skip
     for g in rows:
         if not g.values:
-            lines.append(f"| {g.recipe} | not run | | | | |")
+            lines.append(f"| {g.recipe} | no run reached this step | | | | |")
             continue
         std = statistics.stdev(g.values) if len(g.values) > 1 else 0.0
         per = ", ".join(f"s{s} {v:.4f}" for s, v in zip(g.seeds, g.values))
@@ -329,12 +329,15 @@ def find_blocks(text: str) -> dict[str, str]:
     return {m["name"]: m["body"] for m in BLOCK_RE.finditer(text)}
 
 
-def replace_blocks(text: str, blocks: dict[str, str]) -> str:
-    """``text`` with the body of every ``<!-- report:NAME -->`` block set to ``blocks[NAME]``."""
+def replace_blocks(text: str, blocks: dict[str, str], strict: bool = True) -> str:
+    """``text`` with the body of every ``<!-- report:NAME -->`` block set to ``blocks[NAME]``; an unknown
+    NAME raises (``strict``) or is left as it is (``check`` still reports it)."""
 
     def sub(m: re.Match) -> str:
         name = m["name"]
         if name not in blocks:
+            if not strict:
+                return m[0]
             raise ValueError(f"unknown report block {name!r}; known: {', '.join(sorted(blocks))}")
         return f"<!-- report:{name} -->\n{blocks[name]}<!-- /report:{name} -->"
 
@@ -350,7 +353,7 @@ def build(root: Path, docs: list[Path] = (), plots: bool = True) -> list[Path]:
         written.append(path)
     for doc in docs:
         doc = Path(doc)
-        new = replace_blocks(doc.read_text(), blocks)
+        new = replace_blocks(doc.read_text(), blocks, strict=False)
         if new != doc.read_text():
             doc.write_text(new)
             written.append(doc)

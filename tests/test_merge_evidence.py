@@ -51,10 +51,10 @@ def test_merge_takes_the_longest_run_and_pairs_gaps_by_seed(tmp_path):
     assert "<!-- report:toy/val20 -->" in (out.parent / "tables.md").read_text()
 
 
-def test_merge_says_not_run(tmp_path):
+def test_merge_says_not_reached(tmp_path):
     a = tmp_path / "a"
     _run(a, "bf16", 0, {10: 5.0, 20: 4.0})
     out = tmp_path / "evidence" / "m"
     _merge_module().main(["--roots", str(a), "--out", str(out), "--recipes", "bf16,mxfp4", "--seeds", "1",
                           "--steps", "20", "--no-plots"])  # fmt: skip
-    assert "| mxfp4 | not run |" in (out / "summary.md").read_text()
+    assert "| mxfp4 | no run reached this step |" in (out / "summary.md").read_text()
