@@ -4,6 +4,8 @@
 #      (default bf16, fp8, fp8-blockwise, mxfp4, nvfp4 x seeds 0-2 = 15 runs; ~5 min on 15 cores)
 #   2. gpu preset on the GPU: GPU_RUNS for GPU_STEPS steps (default bf16, nvfp4, mxfp4 x seeds 0-1,
 #      300 steps: before the 1.4M-token corpus starts to overfit, see README)
+#   3. fourbit diagnose (CPU) on the tiny bf16 seed-0 checkpoint of step 1, blocks 0, 2, 4, 7 recipes,
+#      16 seeds: $OUT/diagnose/{diagnose.md,diagnose.json,diagnose.png} -> docs/evidence/diagnose/tiny/
 # Both with the presets of this tree (HighPrecision(): last 1 of 6 / last 2 of 12 blocks in BF16).
 # Usage, repo root, data cache carried (tokens of gpt2-4k and gpt2 under $DATA/tokens):
 #   OUT=/tmp/out DATA=.gpucache/fourbit bash benchmarks/evidence_gpu.sh
@@ -30,7 +32,14 @@ n_gpu=$(tr ',' '\n' <<< "$GPU_RUNS" | grep -c .)
 timeout $T python3 benchmarks/evidence_runs.py --preset gpu --steps ${GPU_STEPS:-300} --runs "$GPU_RUNS" \
   --jobs $n_gpu --out /tmp/gpu --data-dir $DATA > $OUT/gpu.log 2>&1 &
 p2=$!
-wait $p1; echo "tiny rc=$?"; wait $p2; echo "gpu rc=$?"
+# 3. fourbit diagnose on the trained tiny bf16 seed-0 checkpoint as soon as that run is done (CPU, 2 threads)
+( for i in $(seq 1 ${T_DIAG_WAIT:-300}); do grep -q '"step": 200,' /tmp/tiny/bf16/seed0/metrics.jsonl 2>/dev/null && break; sleep 1; done
+  sleep 10  # the step-200 checkpoint is saved just after its metrics line
+  CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=2 timeout ${T_DIAG:-200} python3 -m fourbit.cli diagnose \
+    --model /tmp/tiny/bf16/seed0 --layers "${DIAG_LAYERS:-blocks\.(0|2|4)\.}" --trials ${DIAG_TRIALS:-16} \
+    --batch-size 2 --seq-len 128 --out $OUT/diagnose --no-progress > $OUT/diagnose.log 2>&1; echo "diagnose rc=$?" ) &
+p3=$!
+wait $p1; echo "tiny rc=$?"; wait $p2; echo "gpu rc=$?"; wait $p3
 for preset in tiny gpu; do
   grep -E "^(done|failed)" $OUT/$preset.log
   [[ -d /tmp/$preset ]] && tar czf $OUT/$preset.tgz --exclude='*.pt' --exclude='ckpt*' --exclude='.lock' -C /tmp $preset
