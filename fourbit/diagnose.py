@@ -326,6 +326,8 @@ def operand_stats(ops: LayerOperands, recipe: Recipe) -> dict[str, float]:
         a, b = wgrad_operands(ops.dy, ops.x, rec)
         out[f"sqnr wgrad.dy {rht}"] = sqnr_db(a, _deq(_q(a, _rne(rec.wgrad.a), 0), a.shape))
         out[f"sqnr wgrad.x {rht}"] = sqnr_db(b, _deq(_q(b, _rne(rec.wgrad.b), 0), b.shape))
+    for side in ("dy", "x"):  # what the transform buys on this layer's operand (nan without an RHT)
+        out[f"sqnr wgrad.{side} rht gain"] = out[f"sqnr wgrad.{side} rht"] - out[f"sqnr wgrad.{side} no rht"]
     if recipe.fprop.b.scheme is None:
         out["weight mismatch"] = 0.0
     else:
@@ -390,8 +392,8 @@ def diagnose(layers: list[LayerOperands], recipes=DEFAULT_RECIPES, trials: int =
 
 SUMMARY_METRICS = ("fprop rel err", "dgrad rel err", "wgrad rel err", "dgrad cosine", "wgrad cosine",
                    "dgrad bias", "wgrad bias", "wgrad dy_only bias", "wgrad dy_only bias z", "wgrad noise",
-                   "sqnr wgrad.dy rht", "sqnr wgrad.dy no rht", "flush wgrad.dy", "flush dgrad.dy",
-                   "clip wgrad.dy", "clip fprop.x", "weight mismatch")  # fmt: skip
+                   "sqnr wgrad.dy rht", "sqnr wgrad.dy no rht", "sqnr wgrad.dy rht gain", "sqnr wgrad.x rht gain",
+                   "flush wgrad.dy", "flush dgrad.dy", "clip wgrad.dy", "clip fprop.x", "weight mismatch")  # fmt: skip
 
 
 def _fmt(v: float, metric: str) -> str:
