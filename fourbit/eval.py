@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["perplexity", "token_windows", "load_hf_model", "SMOLLM2_GGUF", "smollm2_path", "model_nbytes"]
+__all__ = ["perplexity", "token_windows", "calibration_split", "measure_ptq", "load_hf_model", "SMOLLM2_GGUF", "smollm2_path",
+           "model_nbytes"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -28,6 +29,24 @@ def token_windows(ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     ids = ids.reshape(-1)
     return [ids[i : i + seq_len][None] for i in range(0, ids.numel(), seq_len) if ids[i : i + seq_len].numel() > 1]
+
+
+def calibration_split(ids: torch.Tensor, calib_tokens: int, max_tokens: int, seq_len: int
+                      ) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
+    """(calibration windows of ``ids[:calib_tokens]``, scored ``ids[calib_tokens : calib_tokens + max_tokens]``).
+
+    Calibration windows are cut at ``calib_tokens`` (the last one may be shorter than ``seq_len``), so no
+    token the calibration sees is ever scored. (A window of ``seq_len`` starting below ``calib_tokens``
+    would run into the scored tokens when ``calib_tokens`` is not a multiple of ``seq_len``.)
+    """
+    ids = ids.reshape(-1)
+    if calib_tokens < 1 or max_tokens < 2 or seq_len < 2:
+        raise ValueError(f"calibration_split: need calib_tokens >= 1, max_tokens >= 2, seq_len >= 2, got "
+                         f"{calib_tokens}, {max_tokens}, {seq_len}")  # fmt: skip
+    if ids.numel() < calib_tokens + 2:
+        raise ValueError(f"{ids.numel()} tokens: fewer than calib_tokens {calib_tokens} + 2")
+    calib = [ids[i : min(i + seq_len, calib_tokens)][None] for i in range(0, calib_tokens, seq_len)]
+    return calib, ids[calib_tokens : calib_tokens + max_tokens]
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -144,3 +163,26 @@ def model_nbytes(model: nn.Module, dtype_bytes: int = 2) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * dtype_bytes
     return total
+
+
+def measure_ptq(model: nn.Module, ids: torch.Tensor, schemes=("fp8", "mxfp4", "nvfp4"), *, calib_tokens: int = 256,
+                max_tokens: int = 1024, seq_len: int = 512, activations: bool = True, progress: bool = False) -> dict:  # fmt: skip
+    """What ``fourbit ptq`` prints, as data: perplexity and size of bf16 and each (scheme, W / W+A), with the
+    calibration and scored token ranges (disjoint by ``calibration_split``). ``model`` is changed in place
+    to its bf16-rounded weights (the baseline every row starts from)."""
+    import copy
+
+    from .ptq import ptq
+
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point():
+                t.copy_(t.to(torch.bfloat16).float())
+    calib, scored = calibration_split(ids, calib_tokens, max_tokens, seq_len)
+    rows = []
+    for scheme, act in [(None, False)] + [(s, a) for s in schemes for a in ((False, True) if activations else (False,))]:
+        m = model if scheme is None else ptq(copy.deepcopy(model), scheme, activations=act, calibration=calib, progress=False)
+        rows.append({"scheme": scheme or "bf16", "mode": "-" if scheme is None else ("W+A" if act else "W"),
+                     "perplexity": perplexity(m, scored, seq_len, progress=progress), "size_mb": model_nbytes(m) / 1e6})  # fmt: skip
+    return {"calib_range": [0, calib_tokens], "scored_range": [calib_tokens, calib_tokens + scored.numel()],
+            "seq_len": seq_len, "torch": torch.__version__, "rows": rows}  # fmt: skip

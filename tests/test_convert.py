@@ -64,21 +64,21 @@ def test_convert_keeps_parameters_and_state_dict_keys():
     assert all(after[k] is before[k] or after[k].data_ptr() == before[k].data_ptr() for k in before)
     assert all(p is params[n] for n, p in model.named_parameters())  # the same Parameter objects
     assert model.lm_head.weight is model.wte.weight
-    assert len(rep) == 10 and len(rep.quantized) == 5
+    assert len(rep) == 10 and len(rep.quantized) == 7  # HighPrecision(): only block 3 of 4 kept
 
 
 def test_report_lists_every_linear_and_reason():
-    model = TinyLM(n_blocks=8)  # high precision: block 0 and the last max(1, round(1.2)) = 1 -> {0, 7}
+    model = TinyLM(n_blocks=8)  # high precision: the last max(1, round(1.2)) = 1 block -> {7}
     rep = report(convert(model, "nvfp4", skip=lambda name, m: name == "blocks.3.fc2"))
     rows = {r.name: r for r in rep.layers}
     assert set(rows) == set(_kinds(model))
-    expected_kept = {"blocks.0.fc1", "blocks.0.fc2", "blocks.7.fc1", "blocks.7.fc2", "blocks.3.fc2", "lm_head"}
+    expected_kept = {"blocks.7.fc1", "blocks.7.fc2", "blocks.3.fc2", "lm_head"}
     assert set(rep.kept) == expected_kept
     assert {n for n, k in _kinds(model).items() if k == "QuantLinear"} == set(rep.quantized)
     assert "tied" in rows["lm_head"].reason and "skip" in rows["blocks.3.fc2"].reason
     assert "block 7 of 8" in rows["blocks.7.fc1"].reason
     text = str(rep)
-    assert all(name in text for name in rows) and "12 of 18" in text
+    assert all(name in text for name in rows) and "14 of 18" in text
     # layer ids number all Linears in module order
     assert model.blocks[1].fc1.layer_id == 3 and model.proj_in.layer_id == 0
 
@@ -152,8 +152,8 @@ def test_hugging_face_llama_converts():
     rep = report(convert(model, "nvfp4"))
     assert list(model.state_dict()) == keys
     assert "lm_head" in rep.kept
-    # 7 linears per decoder layer (q, k, v, o, gate, up, down); layers 0 and 3 kept
-    assert len(rep.quantized) == 14 and all(n.startswith(("model.layers.1.", "model.layers.2.")) for n in rep.quantized)
+    # 7 linears per decoder layer (q, k, v, o, gate, up, down); layer 3 kept
+    assert len(rep.quantized) == 21 and not any(n.startswith("model.layers.3.") for n in rep.quantized)
     out = model(idx, labels=idx)
     out.loss.backward()
     assert torch.isfinite(out.loss) and model.model.layers[1].mlp.down_proj.weight.grad is not None
@@ -194,13 +194,13 @@ def test_qat_weight_only_leaves_activations():
 
 def test_convert_again_starts_from_scratch():
     model = TinyLM(d=128)
-    convert(model, "nvfp4")  # blocks 0 and 3 of 4 kept
+    convert(model, "nvfp4")  # block 3 of 4 kept
     first = _kinds(model)
     convert(model, "fp8-blockwise")  # no high-precision blocks: all 8 block linears quantized
     assert sum(k == "QuantLinear" for k in _kinds(model).values()) == 9
     assert model.blocks[0].fc1.recipe.name == "fp8-blockwise"
     convert(model, "nvfp4")
-    assert _kinds(model) == first and type(model.blocks[0].fc1) is nn.Linear
+    assert _kinds(model) == first and type(model.blocks[3].fc1) is nn.Linear
     assert model.lm_head.weight is model.wte.weight
 
 

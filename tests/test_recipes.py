@@ -126,13 +126,25 @@ def test_round_trip_of_non_default_options():
 
 @pytest.mark.parametrize(
     "n, expected",
-    [(1, {0}), (2, {0, 1}), (4, {0, 3}), (12, {0, 10, 11}), (62, {0, *range(53, 62)})],
-    ids=["n1", "n2", "n4", "n12", "n62"],
+    [(1, {0}), (2, {1}), (4, {3}), (6, {5}), (12, {10, 11}), (62, set(range(53, 62)))],
+    ids=["n1", "n2", "n4", "n6", "n12", "n62"],
 )
 def test_high_precision_blocks(n, expected):
-    """first block + last max(1, round(0.15 n)): 12 -> round(1.8) = 2, 62 -> round(9.3) = 9 (paper: 2 + 8)."""
+    """last max(1, round(0.15 n)): 6 -> round(0.9) = 1, 12 -> round(1.8) = 2, 62 -> round(9.3) = 9 (paper: 2 + 8)."""
     assert HighPrecision().blocks(n) == frozenset(expected)
+    assert HighPrecision().fraction(n) == len(expected) / n
     assert HighPrecision.none().blocks(n) == frozenset()
+
+
+def test_paper_high_precision_share():
+    """The paper's 12B choice (first 2 + last 8 of 62) is 10/62 = 16.1%; the default keeps round(0.15 n) of n
+    blocks, so its share is within rounding, 0.5/n, of 15% once that is at least one block (n >= 4)."""
+    paper = HighPrecision(first_blocks=2, last_fraction=8 / 62)
+    assert paper.blocks(62) == frozenset({0, 1, *range(54, 62)})
+    for n in range(4, 200):
+        assert abs(HighPrecision().fraction(n) - 0.15) <= 0.5 / n + 1e-12, n
+    with pytest.raises(ValueError, match="positive int"):
+        HighPrecision().fraction(0)
 
 
 @pytest.mark.parametrize(
