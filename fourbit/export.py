@@ -74,6 +74,8 @@ that disagree, or an ``hf_quant_config.json`` beside a compressed-tensors config
 
 from __future__ import annotations
 
+from ._callable_module import make_callable
+
 import copy
 import enum
 import json
@@ -701,3 +703,6 @@ def _is_tied(model: nn.Module, key: str, loaded: dict) -> bool:
     state = model.state_dict()
     ptr = state[key].data_ptr()
     return any(state[k].data_ptr() == ptr for k in loaded if k in state and k != key)
+
+
+make_callable(__name__)  # fourbit.export(...) calls export(...); fourbit.export.<name> still reads the module

@@ -46,6 +46,8 @@ such a model cannot be exported.
 
 from __future__ import annotations
 
+from ._callable_module import make_callable
+
 import fnmatch
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -507,3 +509,6 @@ def ptq(
         )  # fmt: skip
         setattr(parent, child, q)
     return model
+
+
+make_callable(__name__)  # fourbit.ptq(...) calls ptq(...); fourbit.ptq.<name> still reads the module

@@ -21,6 +21,8 @@ need, which is then handed to the quantize pass instead of measured again.
 
 from __future__ import annotations
 
+from ._callable_module import make_callable
+
 import math
 
 import torch
@@ -152,3 +154,6 @@ def quantize(
             amax_t = measured  # the same max the quantize pass would measure: hand it over, read x once less
     return ops.quantize(x, config, stochastic=stochastic, seed=seed or 0, key=key, amax=amax_t, sr_index=sr_index,
                         backend=backend)  # fmt: skip
+
+
+make_callable(__name__)  # fourbit.quantize(...) calls quantize(...); fourbit.quantize.<name> still reads the module

@@ -72,14 +72,6 @@ def test_a_module_without_its_function_is_refused(tmp_path, monkeypatch):
         make_callable("not.imported")
 
 
-HOOKS_PENDING = pytest.mark.xfail(
-    strict=True,
-    reason="fourbit.quantize/ptq/export do not call make_callable yet, and fourbit/__init__.py binds the functions "
-    "over the modules (issue 23: the hooks are added with the fourbit/__init__.py rewrite; then delete this mark)",
-)
-
-
-@HOOKS_PENDING
 @pytest.mark.parametrize("name, attr", [("quantize", "QuantizedTensor"), ("ptq", "QuantizedLinear"),
                                         ("export", "load_quantized")])  # fmt: skip
 def test_fourbit_quantize_ptq_export_are_modules_and_functions(name, attr):
@@ -91,7 +83,6 @@ def test_fourbit_quantize_ptq_export_are_modules_and_functions(name, attr):
     assert inspect.signature(m) == inspect.signature(getattr(m, name))
 
 
-@HOOKS_PENDING
 def test_fourbit_calls_through_the_modules(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("safetensors")
