@@ -64,10 +64,9 @@ def main() -> None:
 
     qa, qb = fourbit.quantize(a, "nvfp4"), fourbit.quantize(b, "nvfp4")
     # (label, method, config): the default dispatch (dequantize to BF16, autotuned GEMM), each GEMM tile of
-    # that path, the cuBLAS variant, and the in-register ("fused") kernel's first two configs
+    # that path and the cuBLAS variant
     qmm_cases = [("default dispatch (dequant, autotuned)", None, None), ("dequant + cuBLAS", "cublas", None)]
     qmm_cases += [(f"dequant, tile {t}", "dequant", t) for t in dq.GEMM_TILES]
-    qmm_cases += [(f"fused (in-register dequant) {c}", "fused", c) for c in g.GEMM_CONFIGS[:2]]
     qmm_cases = qmm_cases if "qmm" in parts else []
     ref = F.linear(qa.dequantize(torch.bfloat16), qb.dequantize(torch.bfloat16)).float() if qmm_cases else None
     for label, method, cfg in qmm_cases:
@@ -85,7 +84,6 @@ def main() -> None:
         ms = median_ms(lambda: dq.dequantize_bf16(ma[0], ma[1], ma[5], K))
         gbs = M * K * (0.5 + 1 / 16 + 2) / ms / 1e6
         rows.append((f"  of which: dequantize one 8192^2 operand to BF16 ({gbs:.0f} GB/s)", ms, float("nan"), float("nan")))
-        print("qmm fused kernel:", *kernel_facts(g._qmm_kernel), sep="\n")
         print("dequant GEMM kernel (autotuned):", *kernel_facts(dq._scaled_gemm_kernel.fn), sep="\n")
     del qa, qb, ref
 

@@ -10,8 +10,7 @@ from fourbit.harness.train import train, train_config
 
 
 def main(out: str, recipe: str, parallel: str, steps: int, stop_after: int, resume: bool) -> None:
-    # the GPU session (benchmarks/multi_gpu.sh) reuses this script on the gpu preset
-    preset, batch = os.environ.get("FOURBIT_PRESET", "tiny"), int(os.environ.get("FOURBIT_BATCH", "4"))
+    preset, batch = "tiny", 4
     cfg = train_config(
         preset, recipe=recipe, steps=steps, batch_size=batch, log_every=1, eval_every=1, eval_tokens=1024,
         ckpt_every=100, warmup=2, parallel=parallel,

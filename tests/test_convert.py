@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import copy
 from dataclasses import replace
 
@@ -222,10 +223,11 @@ def test_convert_and_qat_of_a_bare_linear_return_the_new_layer():
 
 
 def test_a_conversion_that_quantizes_nothing_warns_with_the_reason():
-    """A 2-block model under nvfp4 (first and last block kept) quantizes 0 of its Linears: it says so."""
+    """A 2-block model whose recipe keeps the first and last block quantizes 0 of its Linears: it says so."""
     model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    recipe = dataclasses.replace(get_recipe("nvfp4"), high_precision=HighPrecision(first_blocks=1))
     with pytest.warns(UserWarning, match=r"quantized none.*high-precision block 0 of 2.*HighPrecision.none\(\)"):
-        convert(model, "nvfp4")
+        convert(model, recipe)
     assert report(model).quantized == ()
     with pytest.warns(UserWarning, match="no nn.Linear"):
         convert(nn.Sequential(nn.ReLU()), "nvfp4")
@@ -235,8 +237,8 @@ def test_a_conversion_that_quantizes_nothing_warns_with_the_reason():
 
 def test_a_normal_conversion_is_logged_not_warned(caplog, recwarn):
     with caplog.at_level("INFO", logger="fourbit"):
-        convert(TinyLM(), "nvfp4")  # 4 of 8 block Linears quantized, the tied head always kept
-    assert "5 of 10 linear layers quantized" in caplog.text
+        convert(TinyLM(), "nvfp4")  # 6 of 8 block Linears quantized (the last block kept), the tied head always kept
+    assert "7 of 10 linear layers quantized" in caplog.text
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
 
 
