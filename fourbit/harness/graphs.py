@@ -11,7 +11,7 @@ graph records the step's kernels once and replays them with one call (PyTorch's 
 
 What a replay must not freeze: the batch (static input tensors, copied into), the learning rate (a
 device tensor the fused AdamW reads, ``make_optimizer(..., capturable=True)``), and stochastic rounding's
-seeds, which ``fourbit.nn.use_device_seeds`` moves to device memory so each replay draws new bits (the same
+seeds, whose step counters live in device memory (a buffer per layer) so each replay draws new bits (the same
 bits as the eager step with host seeds). A recipe whose late switch to BF16 changes which kernels run
 triggers a new capture (after one eager step). Single process only: NCCL collectives inside a captured
 step (DDP/FSDP2, the amax all-reduce) are left out.
