@@ -107,3 +107,36 @@ def test_options_a_scheme_would_ignore_are_refused():
         fourbit.resolve_scheme("mxfp4", fmt="e4m3")
     assert fourbit.resolve_scheme("mxfp6", fmt="e3m2").elem == fourbit.E3M2  # documented variants still work
     assert fourbit.resolve_scheme("mxfp4", block=(32, 32)).block == (32, 32)
+
+
+@pytest.mark.parametrize("amax", [-1.0, float("nan"), float("inf"), torch.tensor(float("nan")), torch.tensor(-2.0)],
+                         ids=["negative", "nan", "inf", "nan-tensor", "negative-tensor"])
+def test_quantize_rejects_a_bad_amax(amax):
+    with pytest.raises(ValueError, match="amax must be"):
+        fourbit.quantize(torch.randn(4, 32), "nvfp4", amax=amax)
+
+
+def test_quantize_rejects_float64_beyond_float32_range():
+    x = torch.randn(4, 32, dtype=torch.float64)
+    x[1, 3] = 1e300  # finite in float64, inf in float32: every scale would be NaN or 0
+    with pytest.raises(ValueError, match="exceeds float32's range"):
+        fourbit.quantize(x, "nvfp4")
+
+
+@pytest.mark.parametrize("seed", [2**64, -1, 1.5], ids=["2**64", "negative", "float"])
+def test_quantize_rejects_seeds_outside_64_bits(seed):
+    with pytest.raises(ValueError, match="seed must be an int"):
+        fourbit.quantize(torch.randn(4, 32), "nvfp4", rounding="stochastic", seed=seed)
+
+
+def test_quantize_seeds_use_all_64_bits():
+    """2**63 + 5 and 5 are different seeds (an op's int64 argument carries the top bit, not a wrap to 5)."""
+    x = torch.randn(64, 64)
+    a = fourbit.quantize(x, "nvfp4", rounding="stochastic", seed=5)
+    b = fourbit.quantize(x, "nvfp4", rounding="stochastic", seed=2**63 + 5)
+    assert not torch.equal(a.data, b.data)
+
+
+def test_quantize_rejects_an_empty_tensor():
+    with pytest.raises(ValueError, match="non-empty"):
+        fourbit.quantize(torch.empty(0, 32), "nvfp4")
