@@ -50,10 +50,12 @@ def _worker(rank: int, init_file: str, recipe: str, mode: str, out: str) -> None
     fourbit.nn.set_data_parallel(model)
     x, y = batch()
     shard = slice(rank * TOKENS // WORLD, (rank + 1) * TOKENS // WORLD)
-    if mode == "ddp":
+    if mode in ("ddp", "ddp-compile"):
         wrapped = nn.parallel.DistributedDataParallel(model)
+        if mode == "ddp-compile":  # the compiled path: QuantLinear's ops inside Dynamo's DDP-split graphs
+            wrapped = torch.compile(wrapped, backend="aot_eager", fullgraph=False)
         g = grads(wrapped, x[shard], y[shard])
-        g = {n.removeprefix("module."): v for n, v in g.items()}
+        g = {n.removeprefix("_orig_mod.").removeprefix("module."): v for n, v in g.items()}
     else:
         from torch.distributed.fsdp import fully_shard
 
@@ -75,8 +77,8 @@ def _worker(rank: int, init_file: str, recipe: str, mode: str, out: str) -> None
     os._exit(0)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-@pytest.mark.parametrize("recipe", ["bf16", "nvfp4", "fp8"])
+@pytest.mark.parametrize("recipe, mode", [(r, m) for r in ("bf16", "nvfp4", "fp8") for m in ("ddp", "fsdp2")]
+                         + [("nvfp4", "ddp-compile")])
 def test_data_parallel_gradients_equal_single_process(recipe, mode, tmp_path):
     out = str(tmp_path / "grads.pt")
     init = tempfile.mktemp(dir=tmp_path)
