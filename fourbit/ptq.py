@@ -61,6 +61,7 @@ from .nvfp4 import FOUR_OVER_SIX_SCALE_MAX, global_encode_scale
 from .formats import E2M1_MAX, E4M3_MAX
 from .quantize import QuantizedTensor, quantize
 from .schemes import FP8Config, MXConfig, NVFP4Config, SchemeConfig, resolve_scheme
+from .nn.convert import never_quantized, plan_linears, swap_linears
 
 __all__ = [
     "PTQ_SCHEMES",
@@ -293,23 +294,17 @@ def quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
-def _tied_to_embedding(model: nn.Module) -> set[int]:
-    """ids of Linear modules whose weight shares storage with an embedding's weight."""
-    embed_ptrs = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
-    return {id(m) for m in model.modules() if isinstance(m, nn.Linear) and m.weight.data_ptr() in embed_ptrs}
-
-
 SkipSpec = Iterable[str] | Callable[[str, nn.Module], bool] | None
 
 
 def _skipper(model: nn.Module, skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
-    tied = _tied_to_embedding(model)
+    never = never_quantized(model)  # convert's rule: tied to an embedding, LM heads, nn.MultiheadAttention
     if callable(skip):
-        return lambda name, m: id(m) in tied or bool(skip(name, m))
+        return lambda name, m: name in never or bool(skip(name, m))
     patterns = DEFAULT_SKIP if skip is None else tuple(skip)
     if isinstance(skip, str):
         raise TypeError("skip must be a list of fnmatch patterns or a callable, not a single string")
-    return lambda name, m: id(m) in tied or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    return lambda name, m: name in never or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 FuseSpec = Iterable[Iterable[str]] | None
@@ -474,10 +469,8 @@ def ptq(
     transform = RHT() if rht is True else (rht or None)
     if transform is not None and not isinstance(transform, RHT):
         raise TypeError(f"rht must be a bool or an RHT, got {type(rht).__name__}")
-    skipped = _skipper(model, skip)
-    targets = [
-        name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(name, m)
-    ]
+    plan = plan_linears(model, skip=_skipper(model, skip), fn="ptq")
+    targets = [p.name for p in plan if p.reason is None]
     if not targets:
         raise ValueError("ptq: no Linear layer left to quantize")
     modules = dict(model.named_modules())
@@ -500,15 +493,12 @@ def ptq(
         grouped = {n for g in groups for n in g}
         w_amax = _group_max({n: _weight_amax(modules[n], transform) for n in grouped}, groups)
 
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        q = QuantizedLinear.from_linear(
-            modules[name], config, activations=activations, input_amax=amax.get(name),
-            weight_amax=w_amax.get(name), rht=transform,
-        )  # fmt: skip
-        setattr(parent, child, q)
-    return model
+    def make(p):
+        return QuantizedLinear.from_linear(p.module, config, activations=activations, input_amax=amax.get(p.name),
+                                           weight_amax=w_amax.get(p.name), rht=transform)  # fmt: skip
+
+    model, _ = swap_linears(model, plan, make, f"ptq {config.name}")
+    return model  # fourbit.nn.report(model): what each Linear became
 
 
 make_callable(__name__)  # fourbit.ptq(...) calls ptq(...); fourbit.ptq.<name> still reads the module
