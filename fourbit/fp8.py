@@ -1,6 +1,6 @@
 """FP8 reference quantizer with float32 scales: per tensor, or per tile / block (DeepSeek-V3).
 
-    s_enc = elem_max / amax          (1 where amax is 0; NaN where it is not finite)
+    s_enc = min(elem_max / amax, FLT_MAX)   (1 where amax is 0; NaN where it is not finite)
     codes = elem(x * s_enc)          RNE (or stochastic), saturating
     scale = 1 / s_enc                the stored float32 decode scale, x_hat = value * scale
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._fp32 import exp2i, floor_log2
+from ._fp32 import F32_MAX, exp2i, floor_log2
 from .rounding import Rounding
 from .schemes import FP8Config
 from .nvfp4 import _blocks
@@ -23,7 +23,9 @@ __all__ = ["quantize_fp8", "dequantize_fp8"]
 
 
 def _encode_scale(amax: torch.Tensor, config: FP8Config) -> torch.Tensor:
-    s_enc = torch.tensor(config.elem.max, dtype=torch.float32) / amax
+    # s_enc = min(elem_max / amax, FLT_MAX): an amax below elem_max / FLT_MAX (~1.3e-36 for E4M3) would
+    # overflow s_enc to inf and decode every element to 0; clamped, as Transformer Engine clamps it
+    s_enc = torch.clamp(torch.tensor(config.elem.max, dtype=torch.float32) / amax, max=F32_MAX)
     if config.pow2_scale:
         # largest power of two <= elem_max / amax, i.e. the decode scale rounded up
         s_enc = exp2i(floor_log2(s_enc))

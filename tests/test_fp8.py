@@ -76,3 +76,14 @@ def test_non_finite_tensor_dequantizes_to_nan():
     x = torch.randn(4, 8)
     x[0, 0] = math.inf
     assert torch.isnan(fourbit.quantize(x, "fp8", check_finite=False).dequantize()).all()
+
+
+@pytest.mark.parametrize("amax", [1e-37, 1e-38], ids=["1e-37", "subnormal-range"])
+def test_per_tensor_tiny_amax_does_not_flush_to_zero(amax):
+    """s_enc = min(448 / amax, FLT_MAX): a tensor whose amax is below 448 / FLT_MAX keeps its values (the
+    decode scale 1 / FLT_MAX is a float32 subnormal) instead of overflowing s_enc and decoding to zeros."""
+    x = torch.tensor([[amax, -amax / 2, amax / 4, 0.0]], dtype=torch.float32)
+    q = fourbit.quantize(x, "fp8")
+    x_hat = q.dequantize()
+    assert (x_hat[0, :3] != 0).all()
+    assert torch.allclose(x_hat, x, rtol=0.07, atol=0)  # E4M3: 3 mantissa bits, relative error <= 2^-4

@@ -6,7 +6,7 @@ place, else 32) and computes, per scale group
 (the whole tensor, a row of the tile, or the whole tile)::
 
     amax         max |x| as float32 bits (per tensor: given, or from ``nvfp4_quantize.measure_amax``)
-    s_enc        elem_max / amax (IEEE division); pow2_scale: 2^floor(log2 s_enc) from the exponent bits;
+    s_enc        min(elem_max / amax, FLT_MAX) (IEEE division); pow2_scale: 2^floor(log2 s_enc) from the exponent bits;
                  1 where amax is 0; NaN where amax is not finite
     codes        elem(nan_to_num(x * s_enc)): NaN -> 0, +-Inf -> +-FLT_MAX (then saturated), RNE or SR
     scale        1 / s_enc (float32, IEEE division)
@@ -45,6 +45,7 @@ def _exp2i(k):
 def _encode_scale(amax, ELEM_MAX: tl.constexpr, POW2: tl.constexpr, PRECISE_DIV: tl.constexpr):
     """s_enc from a float32 amax: elem_max / amax, pow2-rounded down, 1 where amax is 0, NaN where not finite."""
     s_enc = div_ieee(tl.full(amax.shape, ELEM_MAX, tl.float32), amax, PRECISE_DIV)
+    s_enc = tl.where(s_enc > 3.4028234663852886e38, 3.4028234663852886e38, s_enc)  # min(., FLT_MAX); NaN kept
     if POW2:
         s_enc = _exp2i(((s_enc.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127)
     s_enc = tl.where(amax == 0, 1.0, s_enc)
