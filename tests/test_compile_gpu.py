@@ -71,3 +71,29 @@ def test_compiled_harness_gpt_trains_like_eager_on_cuda(mode):
     worst = max(abs(a - b) for a, b in zip(e, c))
     print(f"compiled ({mode}) vs eager, 20 steps: max |loss difference| {worst:.2e}")
     assert worst <= HARNESS_LOSS_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp4", "fp8", "fp8-blockwise"])
+def test_opcheck_cuda_implementations(scheme):
+    """torch.library.opcheck on the CUDA implementations (the kernels): schema, fake vs real, AOT dispatch."""
+    from fourbit import ops
+    from fourbit.nn.functional import recipe_key
+    from fourbit.recipes import get_recipe
+    from fourbit.schemes import resolve_scheme
+
+    config = resolve_scheme(scheme)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.fourbit.quantize.default, (x, ops.scheme_key(config), True, 7, None, None, 0, 0, -1))
+    qa, qb = ops.quantize(x, config), ops.quantize(torch.randn(32, 256, device="cuda"), config)
+    torch.library.opcheck(torch.ops.fourbit.qmm.default, (*ops._flat(qa), *ops._flat(qb), torch.float32))
+    if scheme == "nvfp4":
+        torch.library.opcheck(torch.ops.fourbit.quantize_dequantized.default,
+                              (x, ops.scheme_key(config), False, 0, None, None, 0, 0, -1))
+        torch.library.opcheck(torch.ops.fourbit.quantize_wgrad.default,
+                              (x, ops.scheme_key(config), True, 3, None, None, None, 0, 0, -1, True))
+        torch.library.opcheck(torch.ops.fourbit.seed_keys.default, (torch.tensor([5], device="cuda"), 12345))
+    w = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    key = recipe_key(get_recipe(scheme if scheme != "fp8-blockwise" else "fp8-blockwise"))
+    torch.library.opcheck(torch.ops.fourbit.linear_forward.default,
+                          (x.requires_grad_(), w, torch.tensor([2], device="cuda"), key, 0, 0, torch.bfloat16))
