@@ -10,7 +10,7 @@ from .accumulation import Accumulation
 from .export import CheckpointError, load_quantized
 from .formats import E2M1, E2M3, E3M2, E4M3, E5M2, E8M0, FloatFormat, Specials, get_format
 from .hadamard import RHT, rht
-from .nn import ConversionReport, QuantLinear, convert, load_rng_state, qat, report, rng_state, set_progress, set_recipe
+from .nn import ConversionReport, QuantLinear, convert, load_rng_state, qat, rng_state, set_progress, set_recipe
 from .packing import as_float4_x2, pack_fp4, unpack_fp4
 from .ptq import QuantizedLinear
 from .qtensor import QuantizedTensor
@@ -28,7 +28,7 @@ __all__ = [
     "Rounding", "resolve_scheme", "RHT", "rht", "pack_fp4", "unpack_fp4", "as_float4_x2",
     # training
     "recipes", "Recipe", "get_recipe", "QuantLinear", "convert", "set_recipe", "set_progress", "qat",
-    "rng_state", "load_rng_state", "ConversionReport", "report", "Accumulation",
+    "rng_state", "load_rng_state", "ConversionReport", "Accumulation",
     # deployment
     "ptq", "QuantizedLinear", "export", "load_quantized", "CheckpointError",
 ]  # fmt: skip

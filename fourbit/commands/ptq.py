@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval", default=None, metavar="TEXT_FILE",
                    help="held-out text to score (a `fourbit train` run directory scores its own validation plays)")
     p.add_argument("--max-tokens", type=int, default=3072, help="tokens scored (after the calibration tokens)")
-    p.add_argument("--calib-tokens", type=int, default=512, help="leading tokens used only for calibration")
+    p.add_argument("--calib-tokens", type=int, default=256, help="leading tokens used only for calibration")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--export", metavar="DIR", help="write the nvfp4 model(s) to DIR/nvfp4-w4a16 and DIR/nvfp4-w4a4")
     p.add_argument("--layout", default="modelopt", choices=("modelopt", "compressed-tensors"))
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..eval import is_harness_run, load_harness_run, load_hf_model, model_nbytes, perplexity
+    from ..eval import calibration_split, is_harness_run, load_harness_run, load_hf_model, model_nbytes, perplexity
     from ..export import export
     from ..ptq import ptq
 
@@ -72,11 +72,10 @@ def run(args: argparse.Namespace) -> int:
         for t in list(base.parameters()) + list(base.buffers()):
             if t.is_floating_point():
                 t.copy_(t.to(torch.bfloat16).float())
-    need = args.calib_tokens + args.max_tokens
     if ids.numel() < args.calib_tokens + 2:
         raise ValueError(f"{text_name} has {ids.numel()} tokens, fewer than --calib-tokens {args.calib_tokens} + 2")
-    calib = [ids[i : i + args.seq_len][None] for i in range(0, args.calib_tokens, args.seq_len)]
-    scored = ids[args.calib_tokens : need]
+    # calibration windows end at --calib-tokens: no calibrated token is ever scored
+    calib, scored = calibration_split(ids, args.calib_tokens, args.max_tokens, args.seq_len)
     print(f"model {args.model}: {sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters, loaded in "
           f"{time.time() - t0:.0f}s; scoring {scored.numel()} tokens of {text_name} "
           f"(after {args.calib_tokens} calibration tokens), windows of {args.seq_len}")
