@@ -55,7 +55,7 @@ def _measured_amax(x: torch.Tensor) -> torch.Tensor:
 
     NaN or Inf anywhere makes the max NaN or Inf, so one reduction decides; elements are counted only then.
     """
-    amax = torch.linalg.vector_norm(x, ord=math.inf)  # (), x's dtype: the exact max |x|
+    amax = torch.linalg.vector_norm(x.detach(), ord=math.inf)  # (), x's dtype: the exact max |x| (no |x| copy)
     value = float(amax)  # the one host read of the check
     if not math.isfinite(value):
         bad = int((~torch.isfinite(x)).sum())

@@ -97,7 +97,10 @@ def wrap(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
 
     fnn.set_data_parallel(model)
     if env.mode is Parallel.DDP:
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # broadcast_buffers=False: the model's buffers are constants (RoPE tables) and the QuantLinear step
+        # counters, which every rank advances alike; broadcasting them would add a collective per forward
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                   broadcast_buffers=False)  # fmt: skip
     from torch.distributed.fsdp import fully_shard
 
     for block in getattr(model, "blocks", []):
