@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch

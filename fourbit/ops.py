@@ -35,7 +35,7 @@ from .nvfp4 import quantize_nvfp4
 from .packing import pack_fp4
 from .qtensor import QuantizedTensor
 from .rounding import ElementIndex, Rounding, random_bits_from_key, seed_key
-from .schemes import FP8Config, MXConfig, NVFP4Config, SchemeConfig
+from .schemes import MXConfig, NVFP4Config, SchemeConfig
 
 __all__ = ["scheme_key", "config_of", "quantize", "qmm", "quantized_shapes", "NO_ROW_STRIDE"]
 

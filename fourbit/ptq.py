@@ -50,7 +50,7 @@ from ._callable_module import make_callable
 
 import fnmatch
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn as nn

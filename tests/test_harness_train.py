@@ -10,7 +10,6 @@ import signal
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fourbit.cli import main as cli_main
 from fourbit.harness import compare as hc

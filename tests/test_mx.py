@@ -10,7 +10,7 @@ import fourbit
 from fourbit.formats import E2M1, E2M3, E3M2, E4M3, E5M2
 from fourbit.packing import unpack_fp4
 
-from oracles import cast_codes, decode
+from oracles import cast_codes
 
 ELEMS = [E2M1, E2M3, E3M2, E4M3, E5M2]
 EMAX = {"E2M1": 2, "E2M3": 2, "E3M2": 4, "E4M3": 8, "E5M2": 15}  # floor(log2(elem max)), OCP MX table

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import fourbit
 from fourbit.packing import unpack_fp4
 
-from oracles import decode, nvfp4_reference
+from oracles import nvfp4_reference
 
 
 def inputs(kind: str, shape=(32, 64), seed=0) -> torch.Tensor:

@@ -10,7 +10,7 @@ from fourbit import ops
 from fourbit.hadamard import RHT
 from fourbit.nn.functional import Role, linear_backward, linear_forward, recipe_key
 from fourbit.recipes import get_recipe
-from fourbit.rounding import ElementIndex, derive_seed, seed_base, seed_key
+from fourbit.rounding import derive_seed, seed_base, seed_key
 from fourbit.schemes import resolve_scheme
 
 SCHEMES = {

@@ -77,7 +77,7 @@ def test_gap_table_values_and_resolution(tmp_path):
     t = blocks["toy/val20"]
     gaps = [100 * 0.01 + 0.1 * s for s in range(3)]
     m, h = statistics.fmean(gaps), 4.3027 * statistics.stdev(gaps) / math.sqrt(3)
-    assert f"| nvfp4 | " in t and f"{m:+.2f}% | [{m - h:+.2f}, {m + h:+.2f}]% | worse |" in t
+    assert "| nvfp4 | " in t and f"{m:+.2f}% | [{m - h:+.2f}, {m + h:+.2f}]% | worse |" in t
     g2 = [100 * (5.1 - 5.0) / 5.0, 100 * (5.0 - 5.2) / 5.2]
     assert "s0 5.1000, s1 5.0000" in t and f"{statistics.fmean(g2):+.2f}%" in t and "| no |" in t
     assert "| bf16 | 5.0333 ± " in t

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         compare(recipes, args.seeds, args.preset, out, jobs=args.jobs, progress=not args.no_progress,
                 **overrides(args))  # fmt: skip
     except KeyboardInterrupt:
-        print(f"\nfourbit compare: interrupted; checkpoints saved, rerun the same command to resume", file=sys.stderr)
+        print("\nfourbit compare: interrupted; checkpoints saved, rerun the same command to resume", file=sys.stderr)
         return 130
     from ..harness.parallel import finish
 

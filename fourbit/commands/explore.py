@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..explore import EXPLORE_SCHEMES, explore, load_tensors, summarize
+    from ..explore import EXPLORE_SCHEMES, explore, summarize
 
     tensors = _load(args)
     summary = summarize(tensors)

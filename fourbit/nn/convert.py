@@ -48,7 +48,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
