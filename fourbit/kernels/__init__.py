@@ -145,7 +145,6 @@ def quantize_swizzled(x, *, rounding="nearest", seed=None, amax=None, sr_index=N
     that Blackwell's block-scaled GEMMs read: (packed codes (..., C/2) uint8, flat swizzled scales
     float8_e4m3fn, tensor scale float32 ()). The codes and the tensor scale are ``fourbit.quantize``'s;
     the scales are ``swizzle.to_blocked`` of its (rows, C/16) scales, zero-padded to 128 x 4 tiles."""
-    from ..quantize import _check_input, _padding
     from ..schemes import NVFP4Config
 
     if not isinstance(x, torch.Tensor) or not x.is_cuda:
@@ -155,8 +154,11 @@ def quantize_swizzled(x, *, rounding="nearest", seed=None, amax=None, sr_index=N
     if x.dtype not in _KERNEL_DTYPES or x.numel() == 0:
         raise ValueError(f"quantize_swizzled takes a non-empty float32/bfloat16/float16 tensor, got {x.dtype} {tuple(x.shape)}")
     config = NVFP4Config()
-    _check_input(x)
-    _padding(x.shape, config.block, pad, config.name)  # the same error as fourbit.quantize for a ragged last dim
+    if x.dim() == 0:
+        raise ValueError("quantize_swizzled expects at least one dim, got a scalar")
+    if x.shape[-1] % 16 and not pad:  # the same error as fourbit.quantize for a ragged last dim
+        raise ValueError(f"{config.name}: shape {tuple(x.shape)} is not divisible by block {config.block} "
+                         f"(last dim {x.shape[-1]} by 16); pass pad=True to zero-pad")  # fmt: skip
     from .nvfp4_quantize import quantize_nvfp4
 
     rounding = Rounding.parse(rounding)
