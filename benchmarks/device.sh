@@ -19,7 +19,7 @@
 #   linear     benchmarks/bench_linear.py: quantized Linear forward + backward vs nn.Linear BF16
 #   wgrad      benchmarks/bench_wgrad.py: the wgrad-operand kernels vs a device copy
 #   profile    benchmarks/profile_step.py --recipes $PROFILE_RECIPES: step time per recipe vs BF16, kernel groups
-#   dual       kernels.quantize_dual: its GPU tests, bench_wgrad, profile_step nvfp4 vs nvfp4:dual
+#   dual       kernels.quantize_dual: its GPU tests and bench_wgrad
 #   graph      CUDA-graph training step: its GPU tests, then profile_step eager vs graphed ($PROFILE_GRAPH_RECIPES)
 #   small      fourbit compare --preset small --ablations --seeds $SMALL_SEEDS (3) over $JOBS worker processes
 #   gpu        fourbit compare --preset gpu --seeds $SEEDS (3) --steps $STEPS (300) (ABL=1 adds the ablations)
@@ -102,7 +102,6 @@ phase_profile() {
 phase_dual() {
   pytest_gpu dual-tests "${T_DUAL_TESTS:-240}" 4 tests/test_kernels.py -k dual
   TAIL=20 run dual-wgrad "${T_WGRAD:-90}" python3 benchmarks/bench_wgrad.py
-  TAIL=30 run dual-profile "${T_PROFILE:-120}" python3 benchmarks/profile_step.py --recipes bf16 nvfp4 nvfp4:dual --steps 5 --out "$OUT"
 }
 
 phase_graph() {
@@ -110,7 +109,7 @@ phase_graph() {
     -k "graph or bf16_autocast or seed_keys"
   # shellcheck disable=SC2086
   TAIL=30 run graph-profile "${T_PROFILE:-300}" python3 benchmarks/profile_step.py --steps "${PROFILE_STEPS:-10}" --out "$OUT" --recipes \
-    ${PROFILE_GRAPH_RECIPES:-bf16 nvfp4 bf16:graph nvfp4:graph nvfp4:dual:graph fp8:graph fp8-blockwise:graph mxfp4:graph}
+    ${PROFILE_GRAPH_RECIPES:-bf16 nvfp4 bf16:graph nvfp4:graph fp8:graph fp8-blockwise:graph mxfp4:graph}
 }
 
 phase_small() {

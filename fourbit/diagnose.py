@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from .gemm import dequantize_operand, qmm, transpose
 from .metrics import sqnr_db
+from .nn.functional import shares_weight
 from .quantize import QuantizedTensor
 from .recipes import GemmQuant, OperandQuant, Recipe, get_recipe
 from .report import mean_ci
@@ -156,15 +157,6 @@ def _deq(q, shape) -> torch.Tensor:
     return v[: shape[0], : shape[1]]
 
 
-def _shares_weight(recipe: Recipe) -> bool:
-    """Fprop and dgrad use one quantized W (as ``QuantLinear`` does): same RNE config, square or no blocks."""
-    f, d = recipe.fprop.b, recipe.dgrad.b
-    if f != d or f.scheme is None or f.rounding is not Rounding.NEAREST or f.rht:
-        return False
-    block = f.scheme.block
-    return block is None or block[0] == block[1]
-
-
 def _seed(trial: int, role: str) -> int:
     return trial * SEED_STRIDE + ROLES[role]
 
@@ -203,7 +195,7 @@ def quantized_gemm(ops: LayerOperands, recipe: Recipe, gemm: str, trial: int = 0
         a = _q(dy, recipe.dgrad.a, _seed(trial, "dgrad.dy"))
         if dy_only:
             b = w.T
-        elif _shares_weight(recipe):
+        elif shares_weight(recipe):
             b = transpose(_q(w, recipe.fprop.b, _seed(trial, "fprop.w")))
         else:
             b = _q(w.T.contiguous(), recipe.dgrad.b, _seed(trial, "dgrad.w"))
@@ -219,7 +211,7 @@ def quantized_gemm(ops: LayerOperands, recipe: Recipe, gemm: str, trial: int = 0
 def _stochastic(recipe: Recipe, gemm: str, dy_only: bool = False) -> bool:
     g: GemmQuant = getattr(recipe, gemm)
     ops = (g.a,) if dy_only and gemm != "fprop" else (g.a, g.b)
-    if gemm == "dgrad" and not dy_only and _shares_weight(recipe):
+    if gemm == "dgrad" and not dy_only and shares_weight(recipe):
         ops = (g.a, recipe.fprop.b)
     return any(op.scheme is not None and op.rounding is Rounding.STOCHASTIC for op in ops)
 
@@ -332,7 +324,7 @@ def operand_stats(ops: LayerOperands, recipe: Recipe) -> dict[str, float]:
         out["weight mismatch"] = 0.0
     else:
         wf = _deq(_q(ops.w, recipe.fprop.b, _seed(0, "fprop.w")), ops.w.shape)
-        wd = wf if _shares_weight(recipe) else _deq(_q(ops.w.T.contiguous(), recipe.dgrad.b, _seed(0, "dgrad.w")), ops.w.T.shape).T
+        wd = wf if shares_weight(recipe) else _deq(_q(ops.w.T.contiguous(), recipe.dgrad.b, _seed(0, "dgrad.w")), ops.w.T.shape).T
         out["weight mismatch"] = float((wf - wd).norm() / ops.w.norm())
     return out
 

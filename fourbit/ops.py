@@ -40,7 +40,6 @@ from .schemes import MXConfig, NVFP4Config, SchemeConfig
 __all__ = ["scheme_key", "config_of", "quantize", "qmm", "quantized_shapes", "NO_ROW_STRIDE"]
 
 NO_ROW_STRIDE = -1  # ElementIndex.row_stride None (the tensor's own last dim) as an op argument
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # --- keys for what an op cannot take ----------------------------------------------------------------
 
@@ -317,10 +316,9 @@ def device_seeds_available() -> bool:
 
 def dequantized_applies(x: Tensor, config: SchemeConfig | None) -> bool:
     """Whether ``quantize_dequantized`` runs its kernel for ``x``: CUDA, triton, NVFP4 without four-over-six."""
-    return (
-        isinstance(x, Tensor) and x.is_cuda and x.dtype in _KERNEL_DTYPES and x.numel() > 0
-        and isinstance(config, NVFP4Config) and not config.four_over_six and _triton()
-    )  # fmt: skip
+    from . import kernels
+
+    return kernels.dequantized_applies(x, config)
 
 
 def _values_of(q: QuantizedTensor) -> tuple[Tensor, Tensor]:
@@ -440,11 +438,9 @@ def dequantized_mm(a: Dequantized, b: Dequantized, out_dtype: torch.dtype = torc
 
 def wgrad_applies(t: Tensor, config: SchemeConfig, transform) -> bool:
     """Whether ``quantize_wgrad`` runs its fused kernel: CUDA, triton, 2D, NVFP4 1x16, RHT of size 16 or none."""
-    return (
-        isinstance(t, Tensor) and t.is_cuda and t.dim() == 2 and t.numel() > 0 and t.dtype in _KERNEL_DTYPES
-        and isinstance(config, NVFP4Config) and config.block == (1, 16) and not config.four_over_six
-        and (transform is None or transform.size == 16) and _triton()
-    )  # fmt: skip
+    from . import kernels
+
+    return kernels._wgrad_kernel_applies(t, config, transform)
 
 
 def _wgrad_reference_input(t: Tensor, signs: Optional[Tensor]) -> Tensor:

@@ -144,3 +144,11 @@ def test_linear_ops_opcheck(recipe):
     y.backward(dy)
     dx, dw = linear_backward(dy, x.detach(), w.detach(), step, recipe_key(r), 1, 0, True, True)
     assert torch.equal(x.grad, dx) and torch.equal(w.grad, dw)
+
+
+def test_dequantized_k_align_is_the_gemm_kernels():
+    """ops.DEQUANTIZED_K_ALIGN (checked before a launch, without importing triton) is the GEMM kernel's K step."""
+    pytest.importorskip("triton")
+    from fourbit.kernels.dequant_gemm import K_ALIGN
+
+    assert ops.DEQUANTIZED_K_ALIGN == K_ALIGN

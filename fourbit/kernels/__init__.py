@@ -26,8 +26,8 @@ all-reduce between data-parallel ranks); ``QuantLinear`` uses it for NVFP4 wgrad
 ``quantize_dual(t, ...)`` gives both operands a linear layer takes from one activation or gradient: the
 rowwise ``quantize(t)`` and the columnwise ``quantize_wgrad(t)``, from one amax pass and one quantize pass
 (``nvfp4_dual``), bit-exact with the two separate kernels (on an H200 and under the interpreter).
-``QuantLinear`` uses it when ``DUAL_OPERANDS`` is true: off by default, as it did not shorten the measured
-training step (benchmarks/RESULTS.md, "CUDA graphs").
+No layer uses it: it did not shorten the measured training step (75.1 against 74.9 ms graphed, H200,
+2026-12-02); it stays as a tested kernel for a producer-fused quantization to build on.
 
 ``seed_keys(counter, base, advance)`` computes a layer's six stochastic-rounding keys from a step counter in
 device memory (``seeds``); every quantize kernel takes a key as an int or as such a one-element device
@@ -62,7 +62,6 @@ from .device import on_operand_device
 __all__ = ["triton_available", "quantize", "quantize_swizzled", "quantize_dequantized", "Dequantized", "dequantized_mm",
            "quantize_wgrad", "wgrad_amax", "quantize_dual", "dual_amax", "seed_keys", "qmm", "linear_w4a16", "fp8_mm"]
 
-DUAL_OPERANDS = False  # QuantLinear takes x's and dy's two operands from ``quantize_dual`` (no faster step yet)
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

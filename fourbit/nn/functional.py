@@ -73,6 +73,7 @@ __all__ = [
     "seed_base",
     "quantize_operand",
     "quantize_weight",
+    "shares_weight",
     "wgrad_inputs",
     "recipe_key",
     "parallel_key",
@@ -147,17 +148,14 @@ def quantize_operand(
         raise ValueError("quantize_operand: stochastic rounding needs a seed")
     amax = _global_amax(t, parallel) if parallel is not None and _has_tensor_scale(op) else None
     if dequantized:
-        q = ops.quantize_dequantized(t, op.scheme, stochastic=stochastic, seed=seed, amax=amax,
-                                     sr_index=sr_index if stochastic else None)  # fmt: skip
-        if q is None:
-            raise RuntimeError(f"no dequantized-operand kernel for {op.scheme.name} on {t.device} {t.dtype}")
-        return q
+        return ops.quantize_dequantized(t, op.scheme, stochastic=stochastic, seed=seed, amax=amax,
+                                        sr_index=sr_index if stochastic else None)  # fmt: skip
     key = seed if isinstance(seed, torch.Tensor) else None
     return ops.quantize(t, op.scheme, stochastic=stochastic, seed=0 if key is not None or seed is None else seed,
                         key=key, amax=amax, sr_index=sr_index if stochastic else None)  # fmt: skip
 
 
-def _shares_weight(recipe: Recipe) -> bool:
+def shares_weight(recipe: Recipe) -> bool:
     """Fprop and dgrad can use one quantized W: same RNE config, square 2D blocks or one scale per tensor."""
     f, d = recipe.fprop.b, recipe.dgrad.b
     if f != d or f.scheme is None or f.rounding is not Rounding.NEAREST or f.rht:
@@ -177,7 +175,7 @@ def quantize_weight(
     w_f = quantize_operand(w, recipe.fprop.b, seed=seed(Role.FPROP_W), dequantized=dequantized)
     if not dgrad:
         return w_f, None
-    if _shares_weight(recipe):
+    if shares_weight(recipe):
         return w_f, w_f.t() if dequantized else transpose(w_f)
     return w_f, quantize_operand(w.T, recipe.dgrad.b, seed=seed(Role.DGRAD_W), dequantized=dequantized)
 
@@ -333,7 +331,7 @@ def _backward(dy, x, weight, recipe: Recipe, layer_id: int, step, parallel, need
         # Dgrad: dx (M, K) = dy (M, N) @ W (N, K), reduction over N
         qdy = quantize_operand(dy, recipe.dgrad.a, seed=seed(Role.DGRAD_DY), parallel=parallel,
                                sr_index=_rows_index(dy, parallel), dequantized=fast)  # fmt: skip
-        if _shares_weight(recipe):  # the transpose of fprop's quantized W (RNE: the same numbers again)
+        if shares_weight(recipe):  # the transpose of fprop's quantized W (RNE: the same numbers again)
             _, qw_t = quantize_weight(weight, recipe, layer_id=layer_id, step=step, dequantized=fast)
         else:
             qw_t = quantize_operand(weight.T, recipe.dgrad.b, seed=seed(Role.DGRAD_W), dequantized=fast)  # (K, N)

@@ -138,7 +138,7 @@ class QuantLinear(nn.Linear):
         """Cache what forward reads: the recipe in effect, its op key, whether it quantizes anything. A
         compiled forward guards on these (they change only at the late switch), not on ``progress``."""
         active = self._recipe.at(self._progress)
-        if getattr(self, "_active", None) is not active:
+        if getattr(self, "_active", None) != active:  # (after the switch, at() builds an equal recipe each call)
             self._active = active
             self._active_key = recipe_key(active)
             self._active_quantized = active.quantized
