@@ -41,8 +41,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the config's auto)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile (default: the harness's, reduce-overhead on one CUDA device)")
     args = p.parse_args()
-    overrides = {"data_dir": args.data_dir, "device": args.device} | ({"steps": args.steps} if args.steps else {})
+    overrides = {"data_dir": args.data_dir, "device": args.device, "compile": args.compile}
+    overrides |= {"steps": args.steps} if args.steps else {}
     base = train_config(args.preset, **overrides)
     load_tokens(base.tokenizer, base.data_dir)  # tokenize once, not in every worker
     cfgs = [(replace(base, recipe=r, seed=s), str(run_dir(args.out, r, s))) for r, s in parse_runs(args.runs)]

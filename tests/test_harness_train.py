@@ -281,6 +281,26 @@ def test_summary_reports_the_lowest_val_loss_and_overfitting(tmp_path):
     assert "overfit" not in hc.summary_markdown(hc.summarize(falling, ["bf16"], 2))
 
 
+def test_compile_mode_defaults_to_cuda_graphs_on_one_gpu_and_eager_elsewhere():
+    """The harness compiles by default on one CUDA device (reduce-overhead), never silently on CPU or under
+    data parallelism, and --no-compile / --cuda-graph always run eager."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert ht.compile_mode(tiny_cfg(), cuda) == "reduce-overhead"
+    assert ht.compile_mode(tiny_cfg(), cpu) is None
+    assert ht.compile_mode(tiny_cfg(), cuda, world_size=2) is None
+    assert ht.compile_mode(tiny_cfg(compile=True), cuda) == "reduce-overhead"
+    assert ht.compile_mode(tiny_cfg(compile=True), cuda, world_size=2) == "default"
+    assert ht.compile_mode(tiny_cfg(compile=True), cpu) == "default"
+    assert ht.compile_mode(tiny_cfg(compile=False), cuda) is None
+    assert ht.compile_mode(tiny_cfg(cuda_graph=True), cuda) is None
+    with pytest.raises(ValueError, match="compile must be"):
+        tiny_cfg(compile="yes")
+    from fourbit.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--no-compile"])
+    assert args.compile is False and build_parser().parse_args(["train"]).compile is None
+
+
 def test_cuda_graph_options_are_checked_up_front(tmp_path):
     """``cuda_graph`` runs one process on CUDA, eagerly captured: other combinations fail before any work."""
     with pytest.raises(ValueError, match="one process"):

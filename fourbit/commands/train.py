@@ -16,7 +16,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     p.add_argument("--tokenizer", default=None, help="gpt2, gpt2-4k or bytes (default: the preset's)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU runs)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model; default: on for one CUDA device (mode reduce-overhead: Inductor "
+                   "and CUDA graphs), off on CPU and under --parallel; --no-compile runs eager")  # fmt: skip
     p.add_argument("--cuda-graph", action="store_true", help="capture the training step in a CUDA graph and "
                    "replay it (one CUDA device, no --parallel, no --compile)")  # fmt: skip
     p.add_argument("--data-dir", default=None, help="token cache and PyPI archives (default ~/.cache/fourbit)")
@@ -29,7 +31,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 
 def overrides(args: argparse.Namespace) -> dict:
     return {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "tokenizer": args.tokenizer,
-            "device": args.device, "compile": args.compile or None, "cuda_graph": args.cuda_graph or None,
+            "device": args.device, "compile": args.compile, "cuda_graph": args.cuda_graph or None,
             "data_dir": args.data_dir, "ckpt_every": args.ckpt_every,
             "parallel": args.parallel}  # fmt: skip
 

@@ -66,7 +66,7 @@ from . import parallel as par
 from .data import BatchSampler, check_data_dir, load_tokens, val_windows
 from .model import GPT, GPTConfig, get_preset
 
-__all__ = ["TrainConfig", "TRAIN_PRESETS", "train_config", "resolve_recipe", "build_model", "make_optimizer", "train_step",
+__all__ = ["TrainConfig", "TRAIN_PRESETS", "train_config", "compile_mode", "resolve_recipe", "build_model", "make_optimizer", "train_step",
            "evaluate", "lr_at", "train", "read_metrics", "load_checkpoint", "checksums", "Interrupted"]  # fmt: skip
 
 METRICS = "metrics.jsonl"
@@ -98,7 +98,7 @@ class TrainConfig:
     seed: int = 0  # model init, data order and the stochastic-rounding seed
     tokenizer: str = "gpt2-4k"
     device: str = "auto"
-    compile: bool = False
+    compile: bool | None = None  # None: compiled on CUDA (one process, no cuda_graph), eager elsewhere; see compile_mode
     data_dir: str | None = None
     parallel: str = "none"  # "ddp" or "fsdp2" under torchrun
     cuda_graph: bool = False  # capture the step in a CUDA graph and replay it (fourbit.harness.graphs)
@@ -118,6 +118,25 @@ class TrainConfig:
             raise ValueError(f"cuda_graph runs one process; parallel={self.parallel!r} is not captured")
         if self.cuda_graph and self.compile:
             raise ValueError("cuda_graph and compile are exclusive (capture the eager step, or compile it)")
+        if self.compile not in (None, True, False):
+            raise ValueError(f"TrainConfig.compile must be True, False or None (auto), got {self.compile!r}")
+
+
+def compile_mode(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> str | None:
+    """The ``torch.compile`` mode the harness runs the model under, or None for eager.
+
+    On one CUDA device the default (``compile=None``) and ``compile=True`` are ``"reduce-overhead"``:
+    Inductor's graph with CUDA graphs, the fast path of a quantized model (plain ``torch.compile`` leaves
+    a quantized step host-bound on the quantize kernels' launches: benchmarks/RESULTS.md). Under DDP/FSDP2
+    ``compile=True`` is plain ``torch.compile`` and the default stays eager; on CPU ``compile=True``
+    compiles (the reference ops run inside the graph) and the default stays eager. ``--cuda-graph`` is the
+    hand-captured eager step instead, and so never compiles."""
+    if cfg.compile is False or cfg.cuda_graph:
+        return None
+    single_cuda = device.type == "cuda" and world_size == 1
+    if cfg.compile is None:
+        return "reduce-overhead" if single_cuda else None
+    return "reduce-overhead" if single_cuda else "default"
 
 
 # What changes with the preset besides the model (fourbit.harness.model.PRESETS).
@@ -528,7 +547,8 @@ def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, env: par.D
     # -- model, optimizer, data -----------------------------------------------------------------------------
     raw_model = build_model(model_cfg, recipe, device, seed=cfg.seed)
     wrapped = par.wrap(raw_model, env, device)  # DDP / FSDP2 (in place) / the model itself
-    model = torch.compile(wrapped) if cfg.compile else wrapped
+    mode = compile_mode(cfg, device, env.world_size)
+    model = torch.compile(wrapped, mode=mode) if mode is not None else wrapped
     opt = make_optimizer(raw_model, cfg, device)  # after FSDP2 has sharded the parameters
     sampler = BatchSampler(data.train, B // env.world_size, T, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
     xv, yv = val_windows(data.val, T, cfg.eval_tokens)
@@ -537,7 +557,7 @@ def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, env: par.D
     meta = {"config": asdict(cfg), "model": model_cfg.to_dict(), "recipe": recipe.to_dict() if recipe else None,
             "params": raw_model.num_params(non_embedding=False), "params_non_embedding": raw_model.num_params(),
             "tokens_per_step": tokens_per_step, "train_tokens": data.train.numel(), "val_tokens": data.val.numel(),
-            "val_works": list(data.val_works), "device": str(device), "torch": torch.__version__,
+            "val_works": list(data.val_works), "device": str(device), "compile_mode": mode, "torch": torch.__version__,
             "world_size": env.world_size}  # fmt: skip
 
     # -- resume -------------------------------------------------------------------------------------------
