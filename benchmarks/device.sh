@@ -18,7 +18,9 @@
 #   quant      benchmarks/bench_quantize.py
 #   linear     benchmarks/bench_linear.py: quantized Linear forward + backward vs nn.Linear BF16
 #   wgrad      benchmarks/bench_wgrad.py: the wgrad-operand kernels vs a device copy
-#   profile    benchmarks/profile_step.py --recipes $PROFILE_RECIPES: step time per recipe vs BF16, kernel groups
+#   profile    benchmarks/profile_step.py --recipes $PROFILE_RECIPES --batch $PROFILE_BATCH (32): step time per
+#              recipe vs BF16, kernel groups
+#   sweep      benchmarks/sweep_tiles.py: tile sweep of the rowwise and wgrad NVFP4 quantize kernels
 #   dual       kernels.quantize_dual: its GPU tests and bench_wgrad
 #   graph      CUDA-graph training step: its GPU tests, then profile_step eager vs graphed ($PROFILE_GRAPH_RECIPES)
 #   small      fourbit compare --preset small --ablations --seeds $SMALL_SEEDS (3) over $JOBS worker processes
@@ -96,8 +98,10 @@ phase_bench() { phase_gemm; phase_quant; phase_linear; phase_wgrad; }
 phase_profile() {
   # shellcheck disable=SC2086
   TAIL=30 run profile "${T_PROFILE:-120}" python3 benchmarks/profile_step.py --recipes ${PROFILE_RECIPES:-bf16 nvfp4 fp8 mxfp4} \
-    --steps "${PROFILE_STEPS:-5}" --out "$OUT"
+    --steps "${PROFILE_STEPS:-5}" --batch "${PROFILE_BATCH:-32}" --out "$OUT"
 }
+
+phase_sweep() { TAIL=60 run sweep "${T_SWEEP:-150}" python3 benchmarks/sweep_tiles.py --out "$OUT/sweep_tiles.md"; }
 
 phase_dual() {
   pytest_gpu dual-tests "${T_DUAL_TESTS:-240}" 4 tests/test_kernels.py -k dual
