@@ -326,7 +326,8 @@ def test_cuda_graph_run_matches_eager_run_and_resumes(recipe, tmp_path):
 
     steps = 20 if "late" in recipe else 8  # the switch at step 18: one eager step, then a second capture
     with sdpa_kernel(SDPBackend.MATH):
-        eager = ht.train(tiny_cfg(recipe=recipe, device="cuda", steps=steps), tmp_path / "eager", progress=False)
+        eager = ht.train(tiny_cfg(recipe=recipe, device="cuda", steps=steps, compile=False), tmp_path / "eager",
+                         progress=False)  # fmt: skip
         cfg = tiny_cfg(recipe=recipe, device="cuda", cuda_graph=True, steps=steps)
         whole = ht.train(cfg, tmp_path / "whole", progress=False)
         _train_interrupted_at_3(cfg, tmp_path / "cut")

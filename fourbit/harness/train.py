@@ -548,6 +548,10 @@ def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, env: par.D
     raw_model = build_model(model_cfg, recipe, device, seed=cfg.seed)
     wrapped = par.wrap(raw_model, env, device)  # DDP / FSDP2 (in place) / the model itself
     mode = compile_mode(cfg, device, env.world_size)
+    if mode is not None:
+        # a run starts from a clean compiler state: graphs of an earlier run in this process (fourbit compare,
+        # a test session) left in the one CUDA-graph tree per device trip its pool-liveness check
+        torch._dynamo.reset()
     model = torch.compile(wrapped, mode=mode) if mode is not None else wrapped
     opt = make_optimizer(raw_model, cfg, device)  # after FSDP2 has sharded the parameters
     sampler = BatchSampler(data.train, B // env.world_size, T, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
