@@ -8,7 +8,7 @@ the ``.deb`` (``DEB_SOURCES``), read in pure Python (``ar`` + ``tarfile``; nothi
                          Spurgeon's Treasury of David, the Scofield notes: public domain. zText/zCom
                          storage (``read_sword``): ``*.?zs`` block index (offset, size, raw size: 3 x u32
                          LE) into ``*.?zz`` (zlib blocks), ``*.?zv`` verse index (block u32, offset u32,
-                         size u16, or u32 for the 12-byte entries of zCom4/zText4) into a block's raw bytes.
+                         size u16, or u32 in 12-byte entries: the Treasury's, pinned per package) into a raw block.
                          OSIS markup is dropped (notes and Strong's numbers with it); one document per
                          zlib block (a book, or a chapter of the Treasury), a paragraph per run of verses.
     linux-doc-6.1        the kernel's Documentation/ as reStructuredText (``html/_sources``), translations out
