@@ -1,5 +1,5 @@
-"""``fourbit train``: train the harness GPT on Shakespeare under one recipe (resumable; Ctrl-C and SIGTERM
-checkpoint and exit with 128 + the signal). A directory holding a run is refused unless ``--resume``
+"""``fourbit train``: train the harness GPT on Shakespeare (or ``--corpus``) under one recipe (resumable;
+Ctrl-C and SIGTERM checkpoint and exit with 128 + the signal). A directory holding a run is refused unless ``--resume``
 continues it or ``--overwrite`` deletes it (``docs/training.md``)."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
     p.add_argument("--tokenizer", default=None, help="gpt2, gpt2-4k or bytes (default: the preset's)")
+    p.add_argument("--corpus", default=None, help="shakespeare (default, 1.6M tokens) or debian-en (~20M GPT-2 "
+                   "tokens of English from Debian packages; docs/training.md)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model; default: on for one CUDA device (mode reduce-overhead: Inductor "
@@ -31,7 +33,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 
 def overrides(args: argparse.Namespace) -> dict:
     return {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "tokenizer": args.tokenizer,
-            "device": args.device, "compile": args.compile, "cuda_graph": args.cuda_graph or None,
+            "corpus": args.corpus, "device": args.device, "compile": args.compile,
+            "cuda_graph": args.cuda_graph or None,
             "data_dir": args.data_dir, "ckpt_every": args.ckpt_every,
             "parallel": args.parallel}  # fmt: skip
 

@@ -19,7 +19,7 @@ import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .data import load_tokens
+from .corpus import load_corpus
 from .train import TrainConfig, read_metrics, resolve_recipe, train, train_config
 
 __all__ = ["MAIN_RECIPES", "ABLATIONS", "RunResult", "compare", "summarize", "plot", "summary_markdown"]
@@ -77,7 +77,7 @@ def compare(
     from .train import _writable_dir
 
     _writable_dir(out)
-    load_tokens(base.tokenizer, base.data_dir)  # tokenize once here, not in every worker
+    load_corpus(base.corpus, base.tokenizer, base.data_dir)  # tokenize once here, not in every worker
     if BASELINE not in recipes:
         recipes = [BASELINE] + recipes  # every gap needs the baseline
     runs = [(r, s) for s in range(seeds) for r in recipes]
@@ -189,6 +189,13 @@ def summarize(out: str | Path, recipes: list[str], seeds: int, **info) -> dict:
             "config": meta["config"]}  # fmt: skip
 
 
+def _val_text(summary: dict) -> str:
+    corpus = summary["config"].get("corpus", "shakespeare")  # runs from before --corpus trained on Shakespeare
+    if corpus == "shakespeare":
+        return f"held-out plays {', '.join(summary['val_works'])}"
+    return f"{len(summary['val_works'])} held-out documents of the `{corpus}` corpus"
+
+
 def summary_markdown(summary: dict) -> str:
     """The comparison table as Markdown (what ``summary.md`` holds)."""
     seeds, cfg, m = summary["seeds"], summary["config"], summary["model"]
@@ -196,8 +203,7 @@ def summary_markdown(summary: dict) -> str:
     lines = [
         f"Preset `{cfg['preset']}`: {m['n_layer']} x {m['n_embd']} GPT ({summary['params'] / 1e6:.2f}M params, "
         f"vocab {m['vocab_size']} `{cfg['tokenizer']}`), {steps} steps x {tps} tokens = {steps * tps / 1e6:.2f}M "
-        f"tokens, {seeds} seed(s), device {summary['device']}, torch {summary['torch']}. Val: held-out plays "
-        f"{', '.join(summary['val_works'])}.",
+        f"tokens, {seeds} seed(s), device {summary['device']}, torch {summary['torch']}. Val: {_val_text(summary)}.",
         "",
         "| recipe | final val loss | gap vs bf16 | seed range of gap | final train loss | lowest val loss (step) | tokens/s |",
         "|---|---|---|---|---|---|---|",

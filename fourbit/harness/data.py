@@ -65,6 +65,7 @@ __all__ = [
     "load_documents",
     "get_tokenizer",
     "load_tokens",
+    "remap_dense",
     "val_windows",
 ]
 
@@ -258,13 +259,18 @@ def _build(tokenizer, docs: list[tuple[str, str]], data_dir: Path) -> TokenData:
 
     train_docs = [d for d in docs if d[0] not in VAL_WORKS]
     val_docs = [d for d in docs if d[0] in VAL_WORKS]
-    train_raw, val_raw = stream(train_docs), stream(val_docs)
-    vocab = torch.unique(torch.cat([train_raw, val_raw]))  # sorted, so eot (the largest id) is last
-    return TokenData(
-        train=torch.searchsorted(vocab, train_raw), val=torch.searchsorted(vocab, val_raw), vocab=vocab,
-        eot=int(torch.searchsorted(vocab, torch.tensor(tokenizer.eot))), tokenizer=tokenizer.name,
-        train_works=tuple(w for w, _ in train_docs), val_works=tuple(w for w, _ in val_docs), data_dir=data_dir,
-    )  # fmt: skip
+    train, val, vocab, eot = remap_dense(stream(train_docs), stream(val_docs), tokenizer.eot)
+    return TokenData(train=train, val=val, vocab=vocab, eot=eot, tokenizer=tokenizer.name,
+                     train_works=tuple(w for w, _ in train_docs), val_works=tuple(w for w, _ in val_docs),
+                     data_dir=data_dir)  # fmt: skip
+
+
+def remap_dense(train_raw: torch.Tensor, val_raw: torch.Tensor, eot: int):
+    """Tokenizer ids of the two streams as dense ids ``0..V-1``: ``(train, val, vocab, dense eot)``, where
+    ``vocab`` (sorted) holds the ids the streams use, so ``vocab[dense] == raw``."""
+    vocab = torch.unique(torch.cat([train_raw, val_raw, torch.tensor([eot])]))  # sorted
+    dense_eot = int(torch.searchsorted(vocab, torch.tensor(eot)))
+    return torch.searchsorted(vocab, train_raw), torch.searchsorted(vocab, val_raw), vocab, dense_eot
 
 
 def check_data_dir(data_dir: Path | str | None) -> Path:

@@ -1,6 +1,6 @@
 """Train the harness GPT on Shakespeare under one recipe, top to bottom (nanoGPT's ``train.py`` shape).
 
-    data     = load_tokens(...)                               # cached dense GPT-2 ids, fixed val split
+    data     = load_corpus(...)                               # cached dense GPT-2 ids, fixed val split
     model    = build_model(GPTConfig, recipe)                 # GPT, then fourbit.nn.convert unless bf16
     for step in range(start, steps):
         set_progress(model, step / steps)                     # the late-BF16 switch reads this
@@ -63,7 +63,8 @@ from typing import Callable
 import torch
 
 from . import parallel as par
-from .data import BatchSampler, check_data_dir, load_tokens, val_windows
+from .corpus import CORPORA, SHAKESPEARE, load_corpus
+from .data import BatchSampler, check_data_dir, val_windows
 from .model import GPT, GPTConfig, get_preset
 
 __all__ = ["TrainConfig", "TRAIN_PRESETS", "train_config", "compile_mode", "resolve_recipe", "build_model", "make_optimizer", "train_step",
@@ -97,6 +98,7 @@ class TrainConfig:
     ckpt_every: int = 50
     seed: int = 0  # model init, data order and the stochastic-rounding seed
     tokenizer: str = "gpt2-4k"
+    corpus: str = SHAKESPEARE  # fourbit.harness.corpus.CORPORA: "shakespeare" or "debian-en" (~20M tokens)
     device: str = "auto"
     compile: bool | None = None  # None: compiled on CUDA (one process, no cuda_graph), eager elsewhere; see compile_mode
     data_dir: str | None = None
@@ -108,6 +110,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
+        if self.corpus not in CORPORA:
+            raise ValueError(f"unknown corpus {self.corpus!r}; choose from {', '.join(CORPORA)}")
         if self.eval_every % self.log_every:
             raise ValueError(f"eval_every={self.eval_every} must be a multiple of log_every={self.log_every}")
         if self.seed < 0:
@@ -426,6 +430,8 @@ def _comparable(cfg: TrainConfig) -> dict:
     d = asdict(cfg)
     for k in ("device", "compile", "data_dir", "parallel", "ckpt_every"):  # ckpt_every: only when it saves
         d.pop(k)
+    if d["corpus"] == SHAKESPEARE:
+        d.pop("corpus")  # runs recorded before the field existed trained on Shakespeare
     return d
 
 
@@ -540,7 +546,7 @@ def train(
 
 def _train(cfg: TrainConfig, out: Path, recipe, device: torch.device, env: par.DistEnv, stop: _StopOnSignals, *,
            resume: bool, progress: bool, position: int | None, callback: Callable[[int], None] | None) -> Path:  # fmt: skip
-    data = load_tokens(cfg.tokenizer, cfg.data_dir)
+    data = load_corpus(cfg.corpus, cfg.tokenizer, cfg.data_dir)
     model_cfg = get_preset(cfg.preset, vocab_size=data.vocab_size)
     T, B = model_cfg.block_size, cfg.batch_size
 
