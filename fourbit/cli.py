@@ -16,7 +16,7 @@ import pickle
 import sys
 
 # subcommand -> module; each module imports its heavy dependencies lazily inside its function
-COMMANDS = ("formats", "train", "compare", "ptq", "explore", "accumulate", "report", "diagnose")
+COMMANDS = ("formats", "train", "compare", "ptq", "explore", "accumulate", "report", "diagnose", "cpt")
 USAGE_ERROR = 2  # argparse's status for bad arguments
 INTERRUPTED = 130  # 128 + SIGINT
 

@@ -83,13 +83,18 @@ def smollm2_path() -> Path:
 
 
 def load_hf_model(spec: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer or None) from "smollm2", a .gguf file or a Hugging Face directory; offline."""
+    """(model, tokenizer or None) from "smollm2", a .gguf file, a Hugging Face directory or a folder written
+    by ``fourbit.hf_pack.pack`` (which needs no ``gguf``); offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from . import hf_pack
 
     path = smollm2_path() if spec == "smollm2" else Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")
+    if hf_pack.is_packed(path):
+        return hf_pack.load(path, dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if path.suffix == ".gguf":
         kw = {"gguf_file": path.name}
         path = path.parent

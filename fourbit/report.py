@@ -213,6 +213,8 @@ def _setup_line(metas: list[dict]) -> str:
     from .recipes import HighPrecision
 
     meta = metas[0]
+    if meta.get("kind") == "cpt":
+        return _cpt_setup_line(metas)
     cfg, m = meta["config"], meta["model"]
     hps = {json.dumps(d["recipe"]["high_precision"], sort_keys=True) for d in metas if (d.get("recipe") or {}).get("high_precision")}
     kept = []
@@ -224,6 +226,23 @@ def _setup_line(metas: list[dict]) -> str:
             f"device {meta['device']}, torch {meta['torch']}. Quantized recipes keep the Linears of "
             f"{' / '.join(kept) or 'no block'} in high precision. Loss: next-token cross-entropy (nats/token) on "
             f"held-out text ({', '.join(meta.get('val_works', []))}).")  # fmt: skip
+
+
+def _cpt_setup_line(metas: list[dict]) -> str:
+    """The setup sentence of a continued-pre-training set (``fourbit.cpt`` runs)."""
+    meta = metas[0]
+    cfg, m = meta["config"], meta["model"]
+    kept = {(tuple(d["high_precision"]["hp_blocks"]), d["high_precision"]["hp_fraction"]) for d in metas
+            if d.get("recipe") and d.get("high_precision", {}).get("hp_fraction") is not None}  # fmt: skip
+    kept_text = " / ".join(f"blocks {list(b)} of {m['n_layer']} ({100 * f:.1f}%)" for b, f in sorted(kept)) or "no block"
+    return (f"Continued pre-training of `{m['name']}` ({m['architecture']}, {m['n_layer']} x {m['n_embd']}, "
+            f"{meta['params'] / 1e6:.1f}M params, vocab {m['vocab_size']}) from its pretrained weights: "
+            f"{cfg['steps']} steps x {meta['tokens_per_step']:,} tokens (batch {cfg['batch_size']} x {cfg['seq_len']}), "
+            f"AdamW lr {cfg['lr']:g} ({cfg['schedule']}, warmup {cfg['warmup']}), device {meta['device']}, torch "
+            f"{meta['torch']}. Quantized recipes keep the Linears of {kept_text} in high precision; embedding and "
+            f"LM head are never quantized. Step 0 is the pretrained model under each recipe. Loss: next-token "
+            f"cross-entropy (nats/token) on {meta['eval_windows']} held-out windows"
+            + (f" ({', '.join(meta['val_works'])})" if meta.get("val_works") else "") + f"; data: {meta['data']}.")
 
 
 def blocks_for(folder: Path, spec: EvidenceSpec) -> dict[str, str]:

@@ -295,7 +295,7 @@ def plot(out: str | Path, summary: dict, path: str | Path) -> Path:
         lo = min(lowest[k], default=float("inf"))
         if lo < float("inf"):
             ax.set_ylim(lo - 0.3, lo + 2.5)
-    fig.suptitle(f"fourbit compare: preset {cfg['preset']}, {cfg['steps']} steps, {seeds} seed(s), "
+    fig.suptitle(f"fourbit compare: preset {cfg.get('preset') or cfg.get('model')}, {cfg['steps']} steps, {seeds} seed(s), "
                  f"{summary['device']}")  # fmt: skip
     fig.tight_layout()
     path = Path(path)
